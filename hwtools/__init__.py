@@ -1,0 +1,1 @@
+"""hwtools: Persian chat fine-tuning and image captioning with one accelerate loop."""

@@ -1,0 +1,85 @@
+"""Every figure hwtools draws. Matplotlib with the Agg backend, so plots work on headless machines."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], path, title="loss", xlabel="step"):
+    """One line per named series of (x, y); names ending in 'eval' are drawn with markers."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, (xs, ys) in series.items():
+        if len(xs) == 0:
+            continue
+        style = "o--" if "eval" in name else "-"
+        ax.plot(list(xs), list(ys), style, label=name, markersize=4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def histogram(values: Sequence[float], path, title="", xlabel="", bins=50):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(list(values), bins=bins, color="#4472c4")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _save(fig, path)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], path, title="", ylabel="", horizontal=False):
+    fig, ax = plt.subplots(figsize=(7, max(3.5, 0.28 * len(labels)) if horizontal else 4))
+    if horizontal:
+        ax.barh(list(labels)[::-1], list(values)[::-1], color="#4472c4")
+        ax.set_xlabel(ylabel)
+    else:
+        ax.bar(list(labels), list(values), color="#4472c4")
+        ax.set_ylabel(ylabel)
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def scatter(xs: Sequence[float], ys: Sequence[float], path, title="", xlabel="", ylabel="", alpha=0.3):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(list(xs), list(ys), s=6, alpha=alpha)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _save(fig, path)
+
+
+def image_grid(images: Sequence, captions: Sequence[str], path, cols=5, title=""):
+    """Images (PIL or HxWxC arrays) with a wrapped caption under each."""
+    import textwrap
+
+    n = len(images)
+    cols = min(cols, max(n, 1))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, cap in zip(axes.flat, images, captions):
+        ax.imshow(img)
+        ax.set_title("\n".join(textwrap.wrap(cap, 34)), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

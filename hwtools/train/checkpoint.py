@@ -1,0 +1,95 @@
+"""Atomic, resumable checkpoints: `accelerator.save_state` into a temp dir, rename, then repoint `latest`.
+
+Layout under the run dir: checkpoints/step-00000050/ (accelerate state + loop_state.json) and checkpoints/latest (a
+text file naming the newest complete checkpoint). A kill at any moment leaves `latest` naming a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hwtools.errors import UserError
+
+LATEST = "latest"
+LOOP_STATE = "loop_state.json"
+# Test hook: seconds to sleep inside a save, before the rename, so a test can kill a run mid-save.
+SLOW_SAVE_ENV = "HWTOOLS_TEST_SLOW_SAVE"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file so that readers see the old or the new content, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, keep: int) -> Path:
+    """Save model, optimiser, scheduler, RNG states and `loop_state`; keep only the newest `keep` checkpoints."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / f"step-{step:08d}"
+    n = 0
+    while final.exists():  # re-saving a step (epoch end after a periodic save) never touches what `latest` names
+        n += 1
+        final = ckpt_root / f"step-{step:08d}.{n}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # every rank writes its own RNG state file
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
+        delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        os.replace(tmp, final)
+        write_text_atomic(ckpt_root / LATEST, final.name)
+        _prune(ckpt_root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    steps = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
+    for old in steps[: max(len(steps) - max(keep, 1), 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint `latest` points at, or None when there is none."""
+    marker = Path(ckpt_root) / LATEST
+    if not marker.is_file():
+        return None
+    path = Path(ckpt_root) / marker.read_text(encoding="utf-8").strip()
+    return path if (path / LOOP_STATE).is_file() else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    """Turn `--resume latest|PATH` into a complete checkpoint dir, or raise a one-line UserError."""
+    if resume == "latest":
+        found = latest_checkpoint(Path(run_dir) / "checkpoints")
+        if found is None:
+            raise UserError(f"--resume latest: no checkpoint in {Path(run_dir) / 'checkpoints'}")
+        return found
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():  # a run dir was given
+        found = latest_checkpoint(path / "checkpoints")
+        if found is None:
+            raise UserError(f"--resume {resume}: no checkpoint in {path / 'checkpoints'}")
+        return found
+    if not (path / LOOP_STATE).is_file():
+        raise UserError(f"--resume {resume}: not a checkpoint directory (no {LOOP_STATE})")
+    return path
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore everything `save_checkpoint` saved; return the loop state."""
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / LOOP_STATE).read_text(encoding="utf-8"))

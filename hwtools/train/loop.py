@@ -1,0 +1,289 @@
+"""The one accelerate training loop that both tasks use.
+
+The task supplies the model, data loaders and `loss_fn(model, batch)`; the loop supplies gradient accumulation,
+clipping, mixed precision (accelerate), LR warmup + schedule, periodic evaluation, atomic checkpoints, exact resume,
+early stop on a non-finite loss, progress bar, logging and resource meters.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from tqdm.auto import tqdm
+
+from hwtools.errors import UserError
+from hwtools.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from hwtools.train.meters import ResourceMeter
+from hwtools.train.tracking import Tracker
+
+LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, float]"]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    model: torch.nn.Module
+    steps: int
+    final_loss: Optional[float]
+    eval_loss: Optional[float]
+    resources: dict
+    stopped_reason: Optional[str] = None
+    history: list = field(default_factory=list)
+
+
+def make_accelerator(cfg, find_unused_parameters: bool = False) -> Accelerator:
+    """An Accelerator configured from the loop fields; seeds everything with cfg.seed."""
+    kwargs = {}
+    if cfg.mixed_precision:
+        kwargs["mixed_precision"] = cfg.mixed_precision
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with="wandb" if cfg.report_to == "wandb" else None,
+        # data order depends only on (seed, epoch): the same on every rank and after a resume
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        **kwargs,
+    )
+    set_seed(cfg.seed)
+    return accelerator
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("the model has no trainable parameters (check the method / freezing options)")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    """Linear warmup then cosine / linear decay / constant, via transformers' schedulers."""
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if cfg.lr_schedule not in names:
+        raise UserError(f"--lr-schedule {cfg.lr_schedule}: choose one of {', '.join(names)}")
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else int(round(cfg.warmup_ratio * total_steps))
+    return get_scheduler(names[cfg.lr_schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def total_steps(cfg, batches_per_epoch: int) -> int:
+    """Optimiser steps the run will take: max_steps, or epochs x ceil(batches / grad_accum)."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if batches_per_epoch == 0:
+        raise UserError("the training split is empty (no batch to train on)")
+    return max(1, int(math.ceil(cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum))))
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (HF models, PEFT-wrapped or not)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise UserError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):  # frozen embeddings would otherwise cut the graph
+        model.enable_input_require_grads()
+
+
+def _split_loss(out) -> tuple[torch.Tensor, float]:
+    if isinstance(out, tuple):
+        return out[0], float(out[1])
+    return out, 1.0
+
+
+def _default_count(batch) -> int:
+    for v in batch.values() if isinstance(batch, dict) else batch:
+        if torch.is_tensor(v):
+            return int(v.shape[0])
+    return 1
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model, loader, loss_fn: LossFn) -> Optional[float]:
+    """Weighted mean of loss_fn over a prepared loader, averaged over all ranks (weights from loss_fn)."""
+    if loader is None:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        loss, weight = _split_loss(loss_fn(model, batch))
+        if torch.isfinite(loss):
+            total += torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train(was_training)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def _rng_neutral_batches(loader):
+    """Iterate a loader without letting iterator creation draw from the global RNG, so dropout after a resume
+    sees the same random stream as an uninterrupted run (torch's DataLoader draws a base seed on every iter)."""
+    it = iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        first = next(it, None)
+    if first is None:
+        return
+    yield first
+    yield from it
+
+
+def train(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    train_loader,
+    loss_fn: LossFn,
+    cfg,
+    run_dir: Path,
+    tracker: Tracker,
+    *,
+    eval_loader=None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    count_fn: Optional[Callable[[dict], int]] = None,
+    throughput_unit: str = "items/s",
+    on_epoch_end: Optional[Callable[[torch.nn.Module, int, int], None]] = None,
+) -> TrainResult:
+    """Train `model` on `train_loader` with `loss_fn` for cfg.max_steps or cfg.epochs; see the module docstring.
+
+    `loss_fn(model, batch)` returns a mean loss, or (mean loss, weight) where weight (e.g. label tokens) makes the
+    evaluation loss a proper weighted mean. `count_fn(batch)` counts items for throughput (default: batch size).
+    `on_epoch_end(model, epoch, step)` runs on every rank after each epoch (e.g. caption a validation image).
+    """
+    count_fn = count_fn or _default_count
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = optimizer or build_optimizer(model, cfg)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
+    n_steps = total_steps(cfg, len(train_loader))
+    # not prepared: accelerate would step a prepared scheduler once per process per step
+    scheduler = build_scheduler(optimizer, cfg, n_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    ckpt_root = Path(run_dir) / "checkpoints"
+
+    step, epoch, skip = 0, 0, 0
+    window = {"loss_sum": 0.0, "steps": 0}  # train loss averaged over the steps since the last log line
+    last_logged = None
+    if cfg.resume:
+        path = resolve_resume(cfg.resume, run_dir)
+        state = load_checkpoint(accelerator, path)
+        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        window, last_logged = state["window"], state.get("last_logged")
+        tracker.truncate_after(step)
+        accelerator.print(f"resumed from {path} at step {step} (epoch {epoch}, batch {skip})")
+
+    def loop_state(ep, batches):
+        return {"step": step, "epoch": ep, "batches_in_epoch": batches, "window": window, "last_logged": last_logged}
+
+    meter = ResourceMeter(accelerator.device)
+    meter.reset_peak()
+    eval_loss, stopped, eval_done_at, saved_at = None, None, -1, step
+    bar = tqdm(total=n_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
+    model.train()
+    meter.start()
+    while step < n_steps and stopped is None:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = train_loader
+        if skip:  # resume mid-epoch: same (seed, epoch) order, minus the batches already trained on
+            loader = accelerator.skip_first_batches(train_loader, skip)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+        batches, skip = skip, 0
+        micro_sum, micro_n = 0.0, 0
+        for batch in _rng_neutral_batches(loader):
+            if step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
+                break
+            batches += 1
+            with accelerator.accumulate(model):
+                loss, _ = _split_loss(loss_fn(model, batch))
+                bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
+                if accelerator.reduce(bad, reduction="sum").item() > 0:
+                    stopped = f"non-finite loss at step {step + 1}"
+                    break
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            meter.add(count_fn(batch))
+            micro_sum += loss.detach().float().item()
+            micro_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step was taken with
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            step_loss = accelerator.reduce(
+                torch.tensor(micro_sum / micro_n, device=accelerator.device), reduction="mean"
+            ).item()
+            micro_sum, micro_n = 0.0, 0
+            window["loss_sum"] += step_loss
+            window["steps"] += 1
+            if step % cfg.log_every == 0 or step == n_steps:
+                last_logged = window["loss_sum"] / window["steps"]
+                tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
+                             "loss": last_logged, "lr": lr})
+                bar.set_postfix(loss=f"{last_logged:.4f}")
+                window = {"loss_sum": 0.0, "steps": 0}
+            meter.stop()
+            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps) and eval_loader is not None:
+                eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
+                                                        steps_per_epoch), step
+            if cfg.save_every > 0 and step % cfg.save_every == 0:
+                save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
+                saved_at = step
+            meter.start()
+        else:  # the epoch ran to its end
+            meter.stop()
+            epoch += 1
+            if cfg.eval_every == 0 and eval_loader is not None and eval_done_at != step:
+                eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
+                                                        steps_per_epoch), step
+            if on_epoch_end is not None:
+                on_epoch_end(model, epoch, step)
+            if cfg.save_every == 0 or step >= n_steps or saved_at == step:  # the epoch-end state supersedes
+                save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, 0), cfg.save_total_limit)
+                saved_at = step
+            meter.start()
+            continue
+        # left the epoch early (max steps reached, or a non-finite loss: then the last good checkpoint stays latest)
+        meter.stop()
+        if stopped is None and saved_at != step:
+            save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
+            saved_at = step
+    meter.stop()
+    bar.close()
+
+    if stopped is not None:
+        accelerator.print(f"stopped: {stopped}; the last good checkpoint is kept in {ckpt_root}")
+        tracker.log({"step": step, "split": "train", "event": "stopped", "reason": stopped})
+    elif eval_loader is not None and eval_done_at != step:
+        eval_loss = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step, steps_per_epoch)
+    if window["steps"]:
+        last_logged = window["loss_sum"] / window["steps"]
+    total_items = int(accelerator.reduce(torch.tensor(meter.items, device=accelerator.device), "sum").item())
+    return TrainResult(
+        model=accelerator.unwrap_model(model),
+        steps=step,
+        final_loss=last_logged,
+        eval_loss=eval_loss,
+        resources=meter.as_dict(throughput_unit, accelerator.num_processes, total_items),
+        stopped_reason=stopped,
+    )
+
+
+def _eval_and_log(accelerator, model, loader, loss_fn, tracker, step, steps_per_epoch) -> Optional[float]:
+    loss = evaluate(accelerator, model, loader, loss_fn)
+    if loss is not None:
+        tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "eval", "loss": loss})
+    return loss
