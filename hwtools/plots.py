@@ -83,3 +83,19 @@ def image_grid(images: Sequence, captions: Sequence[str], path, cols=5, title=""
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def metric_panels(labels: Sequence[str], panels: Mapping[str, Sequence[float | None]], path, title=""):
+    """One bar chart per metric side by side (e.g. memory / time / trainable params per method); None bars are 0."""
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items()):
+        vals = [0 if v is None else v for v in values]
+        ax.bar(list(labels), vals, color="#4472c4")
+        ax.set_title(name, fontsize=10)
+        if name.startswith("trainable"):
+            ax.set_yscale("log")
+        plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
