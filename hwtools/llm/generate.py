@@ -1,0 +1,109 @@
+"""Batched chat generation that respects each fine-tuning method (prefix tuning needs the cache off)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from hwtools.llm.templates import render_chat
+
+# end-of-turn markers of chat formats: a base model's generation config often stops only at <eos>
+_END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
+
+
+def _is_prefix_tuning(model, method: Optional[str]) -> bool:
+    if method is not None:
+        return method == "prefix-tuning"
+    cfg = getattr(model, "active_peft_config", None)
+    return cfg is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING"
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS ids of the model's generation config and tokenizer, plus the chat format's end-of-turn token."""
+    ids = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id] + (configured if isinstance(configured, list) else [configured]):
+        if i is not None and i not in ids:
+            ids.append(int(i))
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab and vocab[t] not in ids]
+    return ids
+
+
+@torch.no_grad()
+def generate_token_ids(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    method: Optional[str] = None,
+    *,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> list[list[int]]:
+    """The new token ids for each conversation (see generate_answers), stop tokens and padding removed."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    use_cache = not _is_prefix_tuning(model, method)
+    device = next(model.parameters()).device
+    prompts = [render_chat(tokenizer, turns, add_generation_prompt=True) for turns in conversations]
+    stop_ids = stop_token_ids(model, tokenizer)
+    gen_kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        use_cache=use_cache,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if do_sample:
+        gen_kwargs.update(temperature=temperature, top_p=top_p)
+    else:  # a model's sampling defaults (e.g. Gemma's top_k/top_p) would only trigger warnings in greedy mode
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+
+    was_training, old_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generation continues at the right end of every row
+    results: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            # the chat template already writes <bos>; the tokenizer must not add a second one
+            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                ids = []
+                for i in row:  # everything after the first stop token is padding
+                    if i in stop_ids:
+                        break
+                    ids.append(i)
+                results.append(ids)
+    finally:
+        tokenizer.padding_side = old_side
+        model.train(was_training)
+    return results
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool = False,
+    method: Optional[str] = None,
+    *,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+) -> list[str]:
+    """The model's answer to each conversation (turns ending with a user turn), greedy or sampled, in batches.
+
+    Prompts are rendered with the chat template plus the generation prompt and left-padded. Generation stops at
+    EOS or the chat format's end-of-turn token. Prefix tuning (by `method`, or detected from the PEFT config)
+    generates without the KV cache: with it PEFT silently drops the prefix.
+    """
+    ids = generate_token_ids(model, tokenizer, conversations, max_new_tokens, batch_size, do_sample, method,
+                             temperature=temperature, top_p=top_p)
+    return [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,84 @@
+"""Causal-LM loss over label positions only, so vocabulary-sized logits exist for one chunk of targets at a time.
+
+With a 262k vocabulary the logits dominate memory (4 x 256 tokens x 262144 x 4 bytes = 1 GiB, twice with their
+gradient). The model is asked for its final hidden states and no logits at all (`logits_to_keep` = no position);
+the hidden states of positions whose next token is a label go through the LM head here, a chunk at a time, each
+chunk under activation checkpointing so that backward also holds one chunk of logits, not all of them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from hwtools.errors import UserError
+from hwtools.llm.models import text_config, unwrap_model
+
+IGNORE_INDEX = -100
+# target rows per chunk: about 2**26 logits (256 MiB in fp32) per chunk
+_LOGITS_PER_CHUNK = 2**26
+
+
+def _peft_type(model) -> Optional[str]:
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    cfg = getattr(inner, "active_peft_config", None)
+    return str(getattr(cfg.peft_type, "value", cfg.peft_type)) if cfg is not None else None
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: Optional[float]):
+    logits = head(hidden).float()
+    if softcap:  # Gemma-2/3 final logit soft-capping, as the model's own forward applies it
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, int]:
+    """(mean next-token cross-entropy over label positions, number of label tokens) for a batch with input_ids,
+    labels (-100 = ignored), attention_mask (2D, or 4D for packed rows) and optional position_ids.
+
+    Equals the model's own `labels=` loss. Works for plain models, PEFT LoRA-family models and soft prompts
+    (prompt tuning / P-tuning prepend virtual tokens, whose positions are skipped; prefix tuning adds keys/values).
+    A batch without any label gives a zero loss (still connected to the graph) and 0 tokens.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    attention_mask = batch.get("attention_mask")
+    position_ids = batch.get("position_ids")
+    peft_type = _peft_type(model)
+    soft_prompt = peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+    if soft_prompt and attention_mask is not None and attention_mask.dim() == 4:
+        # PEFT extends only 2D masks with the virtual tokens; the recipe does not pack rows for soft prompts
+        raise UserError("packed batches (4D attention masks) are not supported with soft prompts; disable packing")
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None and peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+        kwargs["position_ids"] = position_ids  # PEFT ignores them for prepended virtual tokens (with a warning)
+    no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    out = model(**kwargs, use_cache=False, output_hidden_states=-1, logits_to_keep=no_position)
+    hidden = out.hidden_states[-1]  # the final, normed hidden states (transformers ties the last one to them)
+
+    seq_len = input_ids.shape[1]
+    offset = hidden.shape[1] - seq_len  # prompt tuning / P-tuning: virtual tokens come first
+    next_labels = labels[:, 1:]
+    keep = next_labels != IGNORE_INDEX
+    n_tokens = int(keep.sum())
+    if n_tokens == 0:
+        return hidden.sum() * 0.0, 0
+    selected = hidden[:, offset : offset + seq_len - 1][keep]
+    targets = next_labels[keep]
+
+    base = unwrap_model(model)
+    head = base.get_output_embeddings()
+    softcap = getattr(text_config(base), "final_logit_softcapping", None)
+    rows = chunk_size or max(1, _LOGITS_PER_CHUNK // head.weight.shape[0])
+    total = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, n_tokens, rows):
+        h, t = selected[start : start + rows], targets[start : start + rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            # recomputes this chunk's logits in backward instead of keeping every chunk's logits alive
+            total = total + checkpoint(_chunk_loss_sum, h, t, head, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(h, t, head, softcap)
+    return total / n_tokens, n_tokens

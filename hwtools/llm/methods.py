@@ -1,0 +1,351 @@
+"""Fine-tuning methods: PEFT soft prompts and the LoRA family, QLoRA, partial (first/last layers) and full tuning.
+
+`apply_method(model, cfg)` turns a loaded base model into the trainable model of `cfg.method`; `save_finetuned` and
+`load_finetuned` write and rebuild it (`final/`) for generation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from hwtools.errors import UserError
+from hwtools.llm.models import EMBEDDED, find_decoder_layers, load_model_and_tokenizer, unwrap_model
+from hwtools.train.meters import count_parameters
+
+METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "lora", "dora", "rslora", "qlora", "partial", "full")
+SOFT_PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
+LORA_METHODS = ("lora", "dora", "rslora", "qlora")
+PEFT_METHODS = SOFT_PROMPT_METHODS + LORA_METHODS
+DEFAULT_PROMPT_INIT_TEXT = "به پرسش‌های کاربر به زبان فارسی، دقیق و کامل پاسخ بده."
+FINETUNE_META = "finetune.json"
+PARTIAL_WEIGHTS = "partial_layers.safetensors"
+
+
+@dataclass
+class MethodConfig:
+    """The fine-tuning method and its knobs (every field is a CLI flag of the LLM recipe)."""
+
+    method: str = field(default="lora", metadata={"help": f"Fine-tuning method: {', '.join(METHODS)}."})
+    num_virtual_tokens: int = field(
+        default=20, metadata={"help": "Virtual tokens of prompt tuning, prefix tuning and P-tuning."}
+    )
+    prompt_init_text: str = field(
+        default=DEFAULT_PROMPT_INIT_TEXT,
+        metadata={"help": "Prompt tuning starts from the embeddings of this text (empty: sampled vocabulary)."},
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (lora, dora, rslora, qlora)."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA alpha (scale alpha/r, or alpha/sqrt(r) for rslora)."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj",
+        metadata={"help": "Comma-separated module names LoRA adapts, or all-linear."},
+    )
+    unfreeze_first: int = field(default=2, metadata={"help": "partial: train the first N decoder layers."})
+    unfreeze_last: int = field(default=2, metadata={"help": "partial: train the last N decoder layers."})
+
+
+# usual starting points (PEFT's examples, the LoRA/QLoRA papers): soft prompts need far larger steps than weights
+DEFAULT_LR = {
+    "prompt-tuning": 3e-2,
+    "prefix-tuning": 1e-2,
+    "p-tuning": 1e-3,
+    "lora": 2e-4,
+    "dora": 2e-4,
+    "rslora": 1e-4,  # alpha/sqrt(r) scales the update up by sqrt(r) relative to LoRA
+    "qlora": 2e-4,
+    "partial": 5e-5,
+    "full": 2e-5,
+}
+
+
+def default_lr(method: str) -> float:
+    """The peak learning rate used for `method` when --lr is not given."""
+    if method not in DEFAULT_LR:
+        raise UserError(f"--method {method}: unknown method; choose one of {', '.join(METHODS)}")
+    return DEFAULT_LR[method]
+
+
+def is_soft_prompt(method: str) -> bool:
+    """Whether `method` adds virtual tokens (prompt tuning, prefix tuning, P-tuning)."""
+    return method in SOFT_PROMPT_METHODS
+
+
+def needs_4bit(method: str) -> bool:
+    """Whether the base model must be loaded NF4-quantised for `method`."""
+    return method == "qlora"
+
+
+def supports_gradient_checkpointing(method: str) -> bool:
+    """False for prefix tuning: transformers drops the cache under gradient checkpointing, and the prefix with it."""
+    return method != "prefix-tuning"
+
+
+def check_method_config(cfg: MethodConfig) -> None:
+    """Raise UserError for an unknown method or an impossible knob value."""
+    if cfg.method not in METHODS:
+        raise UserError(f"--method {cfg.method}: unknown method; choose one of {', '.join(METHODS)}")
+    if cfg.method in SOFT_PROMPT_METHODS and cfg.num_virtual_tokens < 1:
+        raise UserError(f"--num-virtual-tokens {cfg.num_virtual_tokens}: must be at least 1")
+    if cfg.method in LORA_METHODS:
+        if cfg.lora_r < 1:
+            raise UserError(f"--lora-r {cfg.lora_r}: must be at least 1")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
+        if not parse_target_modules(cfg.target_modules):
+            raise UserError("--target-modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
+    if cfg.method == "partial" and (cfg.unfreeze_first < 0 or cfg.unfreeze_last < 0):
+        raise UserError("--unfreeze-first / --unfreeze-last must not be negative")
+
+
+def parse_target_modules(text: str):
+    """"q_proj, v_proj" -> ["q_proj", "v_proj"]; "all-linear" stays a string (PEFT's shortcut)."""
+    if text.strip() == "all-linear":
+        return "all-linear"
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# ---- builders: one per method family --------------------------------------------------------------------------
+
+
+def build_prompt_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
+    """PEFT prompt tuning; the virtual tokens start as the embeddings of cfg.prompt_init_text (needs the tokenizer)."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    if cfg.prompt_init_text and getattr(tokenizer, "name_or_path", ""):
+        # PEFT re-loads the tokenizer by name (a dir or hub id) to tokenize the init text
+        init = dict(
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text=cfg.prompt_init_text,
+            tokenizer_name_or_path=tokenizer.name_or_path,
+        )
+    else:
+        init = dict(prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)  # vocabulary-scale random start
+    peft_cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, **init)
+    return get_peft_model(model, peft_cfg)
+
+
+def build_prefix_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """PEFT prefix tuning: trained keys/values for every layer (generate with use_cache=False, see generate.py)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+def build_p_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """PEFT P-tuning: virtual tokens produced by an MLP prompt encoder."""
+    from peft import PromptEncoderConfig, get_peft_model
+
+    return get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+
+
+def build_lora(model: nn.Module, cfg: MethodConfig, *, use_dora: bool = False, use_rslora: bool = False) -> nn.Module:
+    """PEFT LoRA on cfg.target_modules; DoRA (magnitude/direction) and rsLoRA (alpha/sqrt(r)) are its variants."""
+    from peft import LoraConfig, get_peft_model
+
+    lora_cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=parse_target_modules(cfg.target_modules),
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+    )
+    try:
+        return get_peft_model(model, lora_cfg)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "Target module" not in str(e):
+            raise
+        modules = unwrap_model(model).named_modules()
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)})
+        raise UserError(
+            f"--target-modules {cfg.target_modules}: not in this model; its linear layers are {', '.join(names)}"
+        ) from None
+
+
+def build_qlora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """QLoRA: LoRA over an NF4-quantised base, after PEFT's k-bit preparation (frozen base, fp32 norms)."""
+    from peft import prepare_model_for_kbit_training
+
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise UserError("qlora needs the base model loaded in 4-bit (load_model_and_tokenizer(quantize_4bit=True))")
+    # gradient checkpointing stays the recipe's choice (--gradient-checkpointing), not a side effect of QLoRA
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return build_lora(model, cfg)
+
+
+def build_partial(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+    """Freeze everything, then unfreeze the first cfg.unfreeze_first and last cfg.unfreeze_last decoder layers."""
+    layers = find_decoder_layers(model)[1]
+    chosen = partial_layer_indices(len(layers), cfg.unfreeze_first, cfg.unfreeze_last)
+    model.requires_grad_(False)
+    for i in chosen:
+        layers[i].requires_grad_(True)
+    return model
+
+
+def partial_layer_indices(num_layers: int, first: int, last: int) -> list[int]:
+    """Indices of the first `first` and last `last` of num_layers layers (UserError if they do not fit)."""
+    if first + last < 1 or first + last > num_layers:
+        raise UserError(
+            f"--unfreeze-first {first} --unfreeze-last {last}: need 1..{num_layers} layers in total "
+            f"(the model has {num_layers})"
+        )
+    return sorted(set(range(first)) | set(range(num_layers - last, num_layers)))
+
+
+def build_full(model: nn.Module) -> nn.Module:
+    """Every parameter trainable (a reference point on small models)."""
+    return model.requires_grad_(True)
+
+
+def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optional[Callable[[str], None]] = print):
+    """Make `model` trainable the way cfg.method says; logs the trainable parameter groups and counts via `log`."""
+    check_method_config(cfg)
+    m = cfg.method
+    if m == "prompt-tuning":
+        model = build_prompt_tuning(model, cfg, tokenizer)
+    elif m == "prefix-tuning":
+        model = build_prefix_tuning(model, cfg)
+    elif m == "p-tuning":
+        model = build_p_tuning(model, cfg)
+    elif m in ("lora", "dora", "rslora"):
+        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora")
+    elif m == "qlora":
+        model = build_qlora(model, cfg)
+    elif m == "partial":
+        model = build_partial(model, cfg)
+    else:
+        model = build_full(model)
+    if log is not None:
+        counts = count_parameters(model)
+        groups = ", ".join(f"{g} ({n:,})" for g, n in trainable_groups(model))
+        log(f"method {m}: trainable {counts['trainable']:,} of {counts['total']:,} parameters "
+            f"({counts['trainable_pct']:.4f}%)")
+        log(f"trainable parameter groups: {groups}")
+    return model
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+
+
+_LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
+
+
+def count_parameters_of(p: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
+
+
+def trainable_groups(model: nn.Module) -> list[tuple[str, int]]:
+    """(group, trainable parameters) in model order: one group per decoder layer, else the parameter's module."""
+    groups: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        m = _LAYER_INDEX.match(name)
+        group = m.group(1) if m else name.rsplit(".", 1)[0]
+        for prefix in ("base_model.model.", "base_model."):  # PEFT wrappers add these
+            group = group[len(prefix):] if group.startswith(prefix) else group
+        groups[group] = groups.get(group, 0) + count_parameters_of(p)
+    return list(groups.items())
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------------
+
+
+def _method_fields(cfg) -> dict:
+    names = {f.name for f in dataclasses.fields(MethodConfig)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+
+def save_finetuned(
+    model: nn.Module, tokenizer, out_dir, cfg: MethodConfig, *, base_model: Optional[str] = None
+) -> Path:
+    """Write into out_dir (the run's final/): the PEFT adapter, the trained layers (partial) or the model (full), plus
+    the tokenizer and finetune.json naming the method and base model (default: cfg.model, else the model's path)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model)
+    final = Path(out_dir)
+    final.mkdir(parents=True, exist_ok=True)
+    base_model = base_model or getattr(cfg, "model", None) or unwrap_model(model).config._name_or_path
+    if base_model != EMBEDDED and Path(base_model).expanduser().is_dir():
+        base_model = str(Path(base_model).expanduser().resolve())
+    meta = {"method": cfg.method, "base_model": base_model, "quantize_4bit": needs_4bit(cfg.method),
+            "method_config": _method_fields(cfg)}
+    if cfg.method in PEFT_METHODS:
+        model.save_pretrained(final)
+        meta["format"] = "peft-adapter"
+    elif cfg.method == "partial":
+        from safetensors.torch import save_file
+
+        layers_path, layers = find_decoder_layers(model)
+        chosen = partial_layer_indices(len(layers), cfg.unfreeze_first, cfg.unfreeze_last)
+        state = {
+            f"{layers_path}.{i}.{k}": v.detach().cpu().contiguous()
+            for i in chosen
+            for k, v in layers[i].state_dict().items()
+        }
+        save_file(state, str(final / PARTIAL_WEIGHTS))
+        meta.update(format="partial-layers", layers_path=layers_path, layers=chosen, num_layers=len(layers))
+    else:
+        model.save_pretrained(final)
+        meta["format"] = "full-model"
+    tokenizer.save_pretrained(final)
+    (final / FINETUNE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return final
+
+
+def load_finetuned(run_or_final_dir, cache_dir, *, dtype: Optional[torch.dtype] = None):
+    """Rebuild (model, tokenizer) saved by save_finetuned from a run dir or its final/ dir, in eval mode."""
+    final = Path(run_or_final_dir)
+    if not (final / FINETUNE_META).is_file() and (final / "final" / FINETUNE_META).is_file():
+        final = final / "final"
+    meta_path = final / FINETUNE_META
+    if not meta_path.is_file():
+        raise UserError(f"{run_or_final_dir}: no {FINETUNE_META} (not a fine-tuned run or its final/ dir)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    if meta["format"] == "full-model":
+        model, _ = load_model_and_tokenizer(str(final), cache_dir, dtype=dtype)
+    else:
+        model, base_tokenizer = load_model_and_tokenizer(
+            meta["base_model"], cache_dir, quantize_4bit=meta["quantize_4bit"], dtype=dtype
+        )
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = base_tokenizer.pad_token
+        if meta["format"] == "peft-adapter":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, final)
+        else:
+            _load_partial_layers(model, final, meta)
+    return model.eval(), tokenizer
+
+
+def _load_partial_layers(model: nn.Module, final: Path, meta: dict) -> None:
+    from safetensors.torch import load_file
+
+    layers_path, layers = find_decoder_layers(model)
+    if layers_path != meta["layers_path"] or len(layers) != meta["num_layers"]:
+        raise UserError(
+            f"{final}: saved layers {meta['layers_path']} x{meta['num_layers']} do not match base model "
+            f"{meta['base_model']} ({layers_path} x{len(layers)})"
+        )
+    state = load_file(str(final / PARTIAL_WEIGHTS))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise UserError(f"{final}: {len(result.unexpected_keys)} saved tensors do not fit the base model")
