@@ -1,0 +1,159 @@
+"""Fine-tune a chat LLM on Persian SlimOrca-schema conversations with one of nine methods.
+
+    accelerate launch launch/train_llm.py --method lora
+    accelerate launch launch/train_llm.py --method qlora --model google/gemma-2-2b-it --data /path/to/persian.jsonl
+
+Recipe only: parse the config, build the pieces from hwtools.llm, run the shared loop, write the run contract.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+from torch.utils.data import DataLoader
+
+from hwtools.config import LoopConfig, parse_config
+from hwtools.data_report import DataReport
+from hwtools.errors import cli_main
+from hwtools.llm import data as llm_data
+from hwtools.llm.evaluate import answer_prompts, chrf_on_conversations, load_test_prompts, write_generations
+from hwtools.llm.loss import causal_lm_loss
+from hwtools.llm.methods import MethodConfig, apply_method, default_lr, is_soft_prompt, needs_4bit, save_finetuned
+from hwtools.llm.models import describe_model, load_model_and_tokenizer
+from hwtools.metrics import perplexity
+from hwtools.plots import loss_curves
+from hwtools.train.loop import evaluate, make_accelerator, train
+from hwtools.train.meters import count_parameters
+from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
+
+logger = logging.getLogger("train_llm")
+
+
+@dataclass
+class LLMTrainConfig(LoopConfig, MethodConfig):
+    """All flags of train_llm.py: the loop's, the method's, and these."""
+
+    lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the method's own)."})
+    model: str = field(default="embedded", metadata={"help": "embedded (Gemma-3-270M from PyPI), a hub id or a dir."})
+    data: str = field(default="embedded", metadata={"help": "embedded, a .jsonl/.json/.parquet file or folder, or a hub id."})
+    max_length: int = field(default=256, metadata={"help": "Max tokens per example (and packed block length)."})
+    packing: bool = field(default=True, metadata={"help": "Pack examples into blocks (--no-packing to pad instead)."})
+    val_frac: float = field(default=0.05, metadata={"help": "Validation fraction carved from the data."})
+    test_frac: float = field(default=0.05, metadata={"help": "Test fraction carved from the data (not for embedded)."})
+    max_train_examples: int = field(default=0, metadata={"help": "Use at most N training conversations (0: all)."})
+    prompts_file: Optional[str] = field(default=None, metadata={"help": "Persian test prompts JSONL (default: shipped)."})
+    gen_max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated per answer (greedy)."})
+    gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated per batch."})
+    chrf_samples: int = field(default=16, metadata={"help": "Test conversations answered for chrF (0: skip)."})
+
+    def __post_init__(self):
+        if self.lr is None or self.lr <= 0:
+            self.lr = default_lr(self.method)
+
+
+def count_tokens(batch) -> int:
+    """Non-padding tokens in a batch (throughput unit)."""
+    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
+
+
+def build_loaders(cfg, tokenizer, splits, report, packing: bool):
+    """Tokenise with assistant-only labels; pack (or pad with length grouping) into DataLoaders."""
+    pad_id = tokenizer.pad_token_id
+    tokenized = {s: llm_data.tokenize_all(tokenizer, convs, cfg.max_length, report if s == "train" else DataReport())
+                 for s, convs in splits.items()}
+    loaders = {}
+    for split, examples in tokenized.items():
+        if packing:
+            blocks = llm_data.pack_examples(examples, cfg.max_length)
+            loaders[split] = DataLoader(blocks, batch_size=cfg.batch_size, shuffle=split == "train",
+                                        collate_fn=partial(llm_data.collate_packed, pad_id=pad_id))
+        elif split == "train":
+            sampler = llm_data.length_grouped_sampler(examples, cfg.batch_size, cfg.seed)
+            loaders[split] = DataLoader(examples, batch_sampler=sampler,
+                                        collate_fn=partial(llm_data.collate_padded, pad_id=pad_id))
+        else:
+            loaders[split] = DataLoader(examples, batch_size=cfg.batch_size,
+                                        collate_fn=partial(llm_data.collate_padded, pad_id=pad_id))
+    return loaders
+
+
+@cli_main
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(LLMTrainConfig, argv)
+    accelerator = make_accelerator(cfg)
+    run_dir = prepare_run_dir(cfg, "llm", cfg.method, accelerator)
+    # soft prompts are prepended per sequence: in a packed block only the first example would see them
+    packing = cfg.packing and not is_soft_prompt(cfg.method)
+    if cfg.packing and not packing:
+        accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method))
+    report = DataReport()
+    splits = llm_data.load_splits(cfg.data, report, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if cfg.max_train_examples > 0:
+        splits["train"] = splits["train"][: cfg.max_train_examples]
+    loaders = build_loaders(cfg, tokenizer, splits, report, packing)
+    report.warn(logger)
+
+    gen = {"max_new_tokens": cfg.gen_max_new_tokens, "batch_size": cfg.gen_batch_size}
+    prompts = load_test_prompts(cfg.prompts_file)
+    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None})
+    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": None})
+    test_loader = accelerator.prepare(loaders["test"])
+    base_test_loss = evaluate(accelerator, model.to(accelerator.device), test_loader, causal_lm_loss)
+
+    model = apply_method(model, cfg, tokenizer)
+    structure = describe_model(model)
+    params = count_parameters(model)
+    accelerator.print(f"model: {structure}")
+    accelerator.print(f"parameters: {params['trainable']:,} trainable of {params['total']:,} "
+                      f"({params['trainable_pct']:.4f}%)")
+
+    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure}
+    if accelerator.is_main_process:
+        write_json(run_dir / "config.json", config_dict)
+    tracker = Tracker(accelerator, run_dir, cfg, config_dict)
+    result = train(accelerator, model, loaders["train"], causal_lm_loss, cfg, run_dir, tracker,
+                   eval_loader=loaders["validation"], count_fn=count_tokens, throughput_unit="tokens/s")
+    model = result.model
+
+    test = {"base_loss": base_test_loss, "base_perplexity": _ppl(base_test_loss), "base_chrf": base_chrf["chrf"]}
+    after = None
+    if result.stopped_reason is None:
+        test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
+        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": cfg.method})
+        after = answer_prompts(model, tokenizer, prompts, {**gen, "method": cfg.method})
+        test.update({"loss": test_loss, "perplexity": _ppl(test_loss), "chrf": tuned["chrf"],
+                     "chrf_samples": tuned["n"]})
+    if accelerator.is_main_process:
+        if result.stopped_reason is None:
+            save_finetuned(model, tokenizer, run_dir / "final", cfg)
+        write_generations(run_dir, prompts, before, after)
+        tracker.log_table("generations", ["id", "prompt", "reference", "before", "after"],
+                          [[p["id"], p["turns"][-1]["content"], p["reference"], b, a]
+                           for p, b, a in zip(prompts, before, after or [None] * len(prompts))])
+        events = read_metrics(run_dir)
+        loss_curves({split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
+                             [e["loss"] for e in events if e.get("split") == split and "loss" in e])
+                     for split in ("train", "eval")}, run_dir / "loss.png", title=f"{cfg.method} on {cfg.model}")
+        summary = write_summary(
+            run_dir, task="llm", method=cfg.method, arch=None, model=cfg.model, data=cfg.data, params=params,
+            resources=result.resources, train={"steps": result.steps, "final_loss": result.final_loss,
+                                               "stopped_reason": result.stopped_reason},
+            eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
+        )
+        tracker.log({"step": result.steps, "split": "test", **{k: v for k, v in test.items() if v is not None}})
+        accelerator.print(f"done: {run_dir} (test {summary['test']})")
+    tracker.finish()
+
+
+def _ppl(loss):
+    return None if loss is None else perplexity(loss)
+
+
+if __name__ == "__main__":
+    main()
