@@ -17,11 +17,20 @@ from torch.utils.data import DataLoader
 
 from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
-from hwtools.errors import cli_main
+from hwtools.errors import UserError, cli_main
 from hwtools.llm import data as llm_data
 from hwtools.llm.evaluate import answer_prompts, chrf_on_conversations, load_test_prompts, write_generations
 from hwtools.llm.loss import causal_lm_loss
-from hwtools.llm.methods import MethodConfig, apply_method, default_lr, is_soft_prompt, needs_4bit, save_finetuned
+from hwtools.llm.methods import (
+    MethodConfig,
+    apply_method,
+    check_method_config,
+    default_lr,
+    is_soft_prompt,
+    needs_4bit,
+    save_finetuned,
+    supports_gradient_checkpointing,
+)
 from hwtools.llm.models import describe_model, load_model_and_tokenizer
 from hwtools.metrics import perplexity
 from hwtools.plots import loss_curves
@@ -50,6 +59,9 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     chrf_samples: int = field(default=16, metadata={"help": "Test conversations answered for chrF (0: skip)."})
 
     def __post_init__(self):
+        check_method_config(self)  # a typo in --method fails here, before any model is loaded
+        if self.gradient_checkpointing and not supports_gradient_checkpointing(self.method):
+            raise UserError(f"--gradient-checkpointing is not supported with {self.method} (it drops the prefix)")
         if self.lr is None or self.lr <= 0:
             self.lr = default_lr(self.method)
 
@@ -91,7 +103,8 @@ def main(argv=None):
     if cfg.packing and not packing:
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method))
+    with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method))
     report = DataReport()
     splits = llm_data.load_splits(cfg.data, report, cfg.val_frac, cfg.test_frac, cfg.seed)
     if cfg.max_train_examples > 0:
@@ -106,7 +119,7 @@ def main(argv=None):
     test_loader = accelerator.prepare(loaders["test"])
     base_test_loss = evaluate(accelerator, model.to(accelerator.device), test_loader, causal_lm_loss)
 
-    model = apply_method(model, cfg, tokenizer)
+    model = apply_method(model, cfg, tokenizer, log=accelerator.print)
     structure = describe_model(model)
     params = count_parameters(model)
     accelerator.print(f"model: {structure}")
