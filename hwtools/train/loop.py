@@ -109,19 +109,44 @@ def _default_count(batch) -> int:
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model, loader, loss_fn: LossFn) -> Optional[float]:
-    """Weighted mean of loss_fn over a prepared loader, averaged over all ranks (weights from loss_fn)."""
+    """Weighted mean of loss_fn over a prepared loader, averaged over all ranks (weights from loss_fn); each example
+    counts once, however many processes share the loader."""
     if loader is None:
         return None
     was_training = model.training
     model.eval()
+    net, sampler = _uneven_eval(accelerator, model, loader)
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in loader:
-        loss, weight = _split_loss(loss_fn(model, batch))
-        if torch.isfinite(loss):
-            total += torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=accelerator.device)
+    try:
+        for batch in loader:
+            loss, weight = _split_loss(loss_fn(net, batch))
+            if torch.isfinite(loss):
+                total += torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=accelerator.device)
+    finally:
+        if sampler is not None:
+            sampler.even_batches = True
     total = accelerator.reduce(total, reduction="sum")
     model.train(was_training)
     return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def _uneven_eval(accelerator: Accelerator, model, loader):
+    """(module to call, batch sampler to restore) for an evaluation pass without accelerate's even-batches padding.
+
+    With several processes accelerate repeats a few examples to give every rank as many batches (what DDP training
+    needs); an evaluation would count them twice, so a 2-rank eval loss differed from a 1-rank one. A forward through
+    the module under DDP needs no collective, so ranks may run different numbers of batches. FSDP and DeepSpeed
+    forwards gather parameters across ranks: there the padding stays."""
+    from accelerate.utils import DistributedType
+    from torch.nn.parallel import DistributedDataParallel
+
+    sampler = getattr(loader, "batch_sampler", None)
+    if accelerator.num_processes == 1 or not getattr(sampler, "even_batches", False):
+        return model, None
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return model, None
+    sampler.even_batches = False
+    return (model.module if isinstance(model, DistributedDataParallel) else model), sampler
 
 
 def _rng_neutral_batches(loader):

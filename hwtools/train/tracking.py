@@ -5,13 +5,17 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 from hwtools.errors import UserError
-from hwtools.train.checkpoint import write_text_atomic
+from hwtools.train.checkpoint import resolve_resume, write_text_atomic
 
 RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl")
+# a run's outputs that --overwrite removes with the markers: an old run's checkpoints would otherwise outrank (and
+# get the new run's own checkpoints pruned) and an old final/ would pass for the new run's
+RUN_OUTPUT_DIRS = ("checkpoints", "final")
 
 
 def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
@@ -35,6 +39,8 @@ def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
             other = None
         if other is not None and other != task:
             raise UserError(f"{run_dir} holds a '{other}' run, not a '{task}' run; choose another --output-dir")
+    if cfg.resume:  # a bad --resume fails here, before any model is loaded or any file written
+        resolve_resume(cfg.resume, run_dir)
     holds_run = any((run_dir / m).exists() for m in RUN_MARKERS)
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest to continue it or --overwrite")
@@ -43,6 +49,8 @@ def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
         if holds_run and cfg.overwrite and not cfg.resume:
             for m in RUN_MARKERS:
                 (run_dir / m).unlink(missing_ok=True)
+            for d in RUN_OUTPUT_DIRS:
+                shutil.rmtree(run_dir / d, ignore_errors=True)
     accelerator.wait_for_everyone()
     return run_dir
 
