@@ -467,9 +467,6 @@ def test_long_captions_are_cut_but_keep_their_end():
         vocab.encode("a dog .", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="a caption with no word left after cleaning ('123 !!!') is used as "
-                                       "<start> <end>: it only teaches stopping; hwtools.caption.data._add should "
-                                       "skip it as 'empty caption' (test clean_caption(caption), not caption.strip())")
 def test_caption_without_words_is_skipped(tmp_path):
     from hwtools.caption.data import load_captions
     from hwtools.data_report import DataReport
@@ -483,9 +480,6 @@ def test_caption_without_words_is_skipped(tmp_path):
     assert report.skipped_by_reason == {"empty caption": 1}
 
 
-@pytest.mark.xfail(strict=True, reason="hwtools.caption.data._require_usable warns each skip reason and "
-                                       "train_caption.py warns again after encoding: two lines per reason; drop "
-                                       "the warn() in _require_usable (the recipe's one also covers encoder skips)")
 def test_caption_warns_once_per_skip_reason(caption_run):
     _, err, expected, _ = caption_run
     for reason in expected["skipped"]:

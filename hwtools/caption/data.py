@@ -255,7 +255,7 @@ def image_problem(path: Path) -> str | None:
 
 def _add(items, image: Path, caption: str, where: str, checker: _ImageChecker, report: DataReport) -> None:
     caption = caption.strip()
-    if not caption:
+    if not clean_caption(caption):  # "123 !!!" would train as "<start> <end>": nothing but stopping
         report.skip(EMPTY, where)
         return
     problem = checker.problem(image)
@@ -270,8 +270,7 @@ def _require_usable(items: dict, source: str, report: DataReport) -> dict[str, l
     if not items:
         why = ", ".join(f"{n} {r}" for r, n in sorted(report.skipped_by_reason.items())) or "no caption lines"
         raise UserError(f"{source}: no usable image with a caption ({report.rows_read} caption(s) read; {why})")
-    report.warn(logger)
-    return items
+    return items  # the recipe warns once per skip reason, after the encoder's own skips are counted too
 
 
 # ------------------------------------------------------------------------------------------------------- split
