@@ -99,3 +99,51 @@ def metric_panels(labels: Sequence[str], panels: Mapping[str, Sequence[float | N
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def caption_samples(images: Sequence, generated: Sequence[str], references: Sequence[Sequence[str]], path,
+                    cols=5, max_refs=3, title=""):
+    """Images with the generated caption (bold) above up to `max_refs` reference captions, side by side."""
+    import textwrap
+
+    n = len(images)
+    cols = min(cols, max(n, 1))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, gen, refs in zip(axes.flat, images, generated, references):
+        ax.imshow(img)
+        ax.set_title("\n".join(textwrap.wrap(f"gen: {gen or '(empty)'}", 36)), fontsize=7.5, fontweight="bold")
+        ref_text = "\n".join(textwrap.fill(f"ref: {r}", 42) for r in list(refs)[:max_refs])
+        ax.text(0.0, -0.03, ref_text, transform=ax.transAxes, fontsize=6.5, va="top", ha="left")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def attention_maps(image, words: Sequence[str], maps, path, cols=5, title=""):
+    """The image, then one panel per word with its attention map (h x w weights) upsampled to the image size and
+    overlaid as a heat map (each map scaled to its own maximum)."""
+    import numpy as np
+    from PIL import Image
+
+    base = np.asarray(image)
+    height, width = base.shape[:2]
+    panels = [("(image)", None)] + list(zip(words, maps))
+    cols = min(cols, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows * height / max(width, 1) + 0.4),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (word, weights) in zip(axes.flat, panels):
+        ax.imshow(base)
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32)
+            up = np.asarray(Image.fromarray(weights).resize((width, height), Image.BILINEAR))
+            ax.imshow(up / max(float(up.max()), 1e-12), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(word, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
