@@ -187,6 +187,9 @@ def train(
         enable_gradient_checkpointing(model)
     optimizer = optimizer or build_optimizer(model, cfg)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    # listed once: model.parameters() walks every submodule (~2 ms a step for Gemma-2-2B with LoRA), and frozen
+    # weights have no gradient to clip anyway
+    trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.grad_accum))
     n_steps = total_steps(cfg, len(train_loader))
     # not prepared: accelerate would step a prepared scheduler once per process per step
@@ -236,7 +239,7 @@ def train(
                     break
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             meter.add(count_fn(batch))
