@@ -176,3 +176,12 @@ def test_unreadable_image_is_skipped_and_counted(tmp_path):
                         device=torch.device("cpu"))
     assert list(out) == good and out[good[0]].shape == (4,)
     assert report.rows_skipped == 2 and all(r.startswith("unreadable image") for r in report.skipped_by_reason)
+
+
+def test_out_dim_matches_the_output_for_a_conv_head_model():
+    """MobileNetV3 pools to its conv head's width (1024), not num_features (288): the decoder is sized from out_dim."""
+    for output in ("pooled", "spatial"):
+        enc = build_encoder("mobilenetv3_small_050", output=output, log=lambda *a: None)
+        with torch.no_grad():
+            y = enc.module(torch.randn(1, 3, 96, 96))
+        assert y.shape[-1] == enc.out_dim

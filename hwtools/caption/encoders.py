@@ -44,7 +44,9 @@ class ImageEncoder(nn.Module):
         # identifies the weights for the feature cache; None = random init (features not reproducible across runs)
         self.weights_id = weights_id
         self.trainable_modules = list(trainable_modules)
-        self.out_dim = int(backbone.num_features)
+        # timm models with a conv head after pooling (MobileNetV3) pool to head_hidden_size, not num_features
+        pooled_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.out_dim = int(pooled_dim if output == "pooled" else backbone.num_features)
         self.train(False)
 
     @property
