@@ -124,7 +124,7 @@ def caption_samples(images: Sequence, generated: Sequence[str], references: Sequ
 
 def attention_maps(image, words: Sequence[str], maps, path, cols=5, title=""):
     """The image, then one panel per word with its attention map (h x w weights) upsampled to the image size and
-    overlaid as a heat map (each map scaled to its own maximum)."""
+    overlaid as a heat map scaled to the map's own peak; the title gives the peak weight (1/regions = uniform)."""
     import numpy as np
     from PIL import Image
 
@@ -142,7 +142,9 @@ def attention_maps(image, words: Sequence[str], maps, path, cols=5, title=""):
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float32)
             up = np.asarray(Image.fromarray(weights).resize((width, height), Image.BILINEAR))
-            ax.imshow(up / max(float(up.max()), 1e-12), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            peak = float(weights.max())
+            ax.imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=max(peak, 1e-12))
+            word = f"{word} (peak {peak:.2f})"
         ax.set_title(word, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -81,7 +81,9 @@ def test_config_resolves_per_arch_defaults():
     recipe = load_script("train_caption")
     cfgs = {a: parse_config(recipe.CaptionTrainConfig, ["--arch", a]) for a in ARCHS}
     assert (cfgs["cnn-rnn"].lr, cfgs["cnn-rnn"].dropout, cfgs["cnn-rnn"].num_layers) == (1e-3, 0.5, 1)
-    assert (cfgs["transformer"].lr, cfgs["transformer"].dropout, cfgs["transformer"].num_layers) == (3e-4, 0.1, 2)
+    assert (cfgs["transformer"].lr, cfgs["transformer"].dropout, cfgs["transformer"].num_layers) == (1e-3, 0.1, 2)
+    assert cfgs["attention"].num_layers is None  # one LSTM cell
+    assert parse_config(recipe.CaptionTrainConfig, ["--arch", "cnn-rnn", "--dropout", "0.2"]).dropout == 0.2
     assert len({c.epochs for c in cfgs.values()}) == 1  # comparable runs
     assert parse_config(recipe.CaptionTrainConfig, ["--arch", "transformer", "--lr", "0.01"]).lr == 0.01
     assert parse_config(recipe.CaptionTrainConfig, []).arch == "attention"
