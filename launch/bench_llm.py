@@ -27,13 +27,12 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -600,8 +599,11 @@ def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples,
     res = result.resources
     del model, result
     gc.collect()
+    # the loop's final checkpoint (accelerate save_state): its size is worth knowing, its disk space is not kept
+    checkpoint_mb = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file()) / 2**20
+    shutil.rmtree(run_dir, ignore_errors=True)
     return {"peak_memory_mb": res["peak_memory_mb"], "memory_kind": res["memory_kind"],
-            "step_s": res["train_time_s"] / args.real_size_steps, "load_s": load_s,
+            "step_s": res["train_time_s"] / args.real_size_steps, "load_s": load_s, "checkpoint_mb": checkpoint_mb,
             "trainable": params["trainable"], "total": params["total"], "trainable_pct": params["trainable_pct"]}
 
 
@@ -616,7 +618,8 @@ def markdown_body(results: dict, args: BenchLLMArgs) -> str:
     clocks = ["wall"] if cuda else ["wall", "cpu"]
     label = {"wall": "wall", "cpu": "CPU time"}
     headers = ["variant", "tokens/s (wall)", "wall range"] + ([] if cuda else ["tokens per CPU-s", "CPU range"]) \
-        + ["s/step (wall)", "tokens/step", "peak CUDA MiB" if cuda else "peak RSS rise MiB"] \
+        + ["s/step (wall)", "tokens/step"] + (["peak CUDA MiB" if cuda else "peak RSS rise MiB"] if cuda or memory
+                                                else []) \
         + [f"vs {REFERENCE} ({label[c]})" for c in clocks]
     rows = []
     for name, v in variants.items():
@@ -624,8 +627,9 @@ def markdown_body(results: dict, args: BenchLLMArgs) -> str:
         for c in clocks:
             t = v[c]["tokens_per_s"]
             row += [t["median"], f"{t['min']:.0f}-{t['max']:.0f}"]
-        row += [v["wall"]["step_s"]["median"], v["tokens_per_step"],
-                v["peak_cuda_mb"] if cuda else (memory.get(name) or {}).get("rise_mb")]
+        row += [v["wall"]["step_s"]["median"], v["tokens_per_step"]]
+        if cuda or memory:
+            row.append(v["peak_cuda_mb"] if cuda else (memory.get(name) or {}).get("rise_mb"))
         row += [f"{v[c]['vs_reference']:.2f}x" if "vs_reference" in v[c] else "" for c in clocks]
         rows.append(row)
     d = results["data"]
@@ -678,14 +682,15 @@ def markdown_body(results: dict, args: BenchLLMArgs) -> str:
 def real_size_markdown(results: dict) -> str:
     r = results["real_size"]
     rows = [[m, v["peak_memory_mb"], v["memory_kind"], v["step_s"], f"{v['trainable']:,}",
-             f"{v['trainable_pct']:.3f}%", v["load_s"]] for m, v in r["methods"].items()]
+             f"{v['trainable_pct']:.3f}%", v["load_s"], v["checkpoint_mb"]] for m, v in r["methods"].items()]
     return "\n".join([
         f"## Real size: {r['architecture']}, {r['params']:,} parameters, random weights", "",
         f"Batch 1 x {r['length']} tokens (every position a label), {r['steps']} steps per method through the shared "
         f"loop, the recipe's load path ({r['precision']}; QLoRA: NF4 weights). Peak memory is what the run's "
         f"summary.json reports (`resources.peak_memory_mb`), weights included.", "",
-        bench.markdown_table(["method", "peak memory MiB", "kind", "s/step", "trainable", "trainable %", "load s"],
-                             rows), ""])
+        bench.markdown_table(["method", "peak memory MiB", "kind", "s/step", "trainable", "trainable %", "load s",
+                              "checkpoint MiB"], rows), "",
+        "Checkpoint MiB: the size of the loop's checkpoint (accelerate save_state) after those steps.", ""])
 
 
 def auto_notes(machine: dict, args: BenchLLMArgs, device: torch.device) -> list[str]:
