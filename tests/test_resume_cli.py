@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hwtools.train.checkpoint import LATEST, SLOW_SAVE_ENV, latest_checkpoint
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import write_llm_cli_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM_DATA_ROWS = 60  # real rows of the shipped Persian set; enough for two epochs of packed blocks at --max-length 96
@@ -109,17 +109,7 @@ LLM_STEPS = 24
 
 @pytest.fixture(scope="module")
 def llm_inputs(tmp_path_factory):
-    """A tiny saved Gemma-2, the first rows of the shipped Persian data, one test prompt."""
-    from hwtools.llm.data import EMBEDDED_TRAIN
-    from hwtools.llm.evaluate import TEST_PROMPTS
-
-    base = tmp_path_factory.mktemp("llm-inputs")
-    data = base / "persian.jsonl"
-    data.write_text("".join(EMBEDDED_TRAIN.read_text(encoding="utf-8").splitlines(True)[:LLM_DATA_ROWS]),
-                    encoding="utf-8")
-    prompts = base / "prompts.jsonl"
-    prompts.write_text(TEST_PROMPTS.read_text(encoding="utf-8").splitlines(True)[0], encoding="utf-8")
-    return {"model": save_tiny_model("gemma2", base / "gemma2"), "data": data, "prompts": prompts}
+    return write_llm_cli_inputs(tmp_path_factory.mktemp("llm-inputs"), LLM_DATA_ROWS)
 
 
 def llm_args(inputs, out: Path) -> list:

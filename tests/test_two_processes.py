@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.tiny_models import save_tiny_model
+from tests.tiny_models import write_llm_cli_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 LLM_DATA_ROWS = 240  # real rows of the shipped Persian set: ~72 packed blocks of 96 tokens
@@ -77,16 +77,7 @@ def assert_rank0_wrote_once(two: Path, one: Path, log: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------- LLM
 @pytest.fixture(scope="module")
 def llm_inputs(tmp_path_factory):
-    from hwtools.llm.data import EMBEDDED_TRAIN
-    from hwtools.llm.evaluate import TEST_PROMPTS
-
-    base = tmp_path_factory.mktemp("llm-inputs")
-    data = base / "persian.jsonl"
-    data.write_text("".join(EMBEDDED_TRAIN.read_text(encoding="utf-8").splitlines(True)[:LLM_DATA_ROWS]),
-                    encoding="utf-8")
-    prompts = base / "prompts.jsonl"
-    prompts.write_text(TEST_PROMPTS.read_text(encoding="utf-8").splitlines(True)[0], encoding="utf-8")
-    return {"model": save_tiny_model("gemma2", base / "gemma2"), "data": data, "prompts": prompts}
+    return write_llm_cli_inputs(tmp_path_factory.mktemp("llm-inputs"), LLM_DATA_ROWS)
 
 
 def llm_args(inputs, out: Path, batch: int, accum: int = 1) -> list:

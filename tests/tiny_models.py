@@ -166,3 +166,16 @@ def tiny_chat_batch(tokenizer, chats=CHATS) -> dict:
 def prompts_of(chats=CHATS) -> list[list[dict]]:
     """The chats without their final assistant turn (generation prompts)."""
     return [turns[:-1] for turns in chats]
+
+
+def write_llm_cli_inputs(base: Path, rows: int) -> dict:
+    """Inputs for fast train_llm.py CLI runs: a tiny saved Gemma-2, the first `rows` of the shipped Persian data and
+    one test prompt."""
+    from hwtools.llm.data import EMBEDDED_TRAIN
+    from hwtools.llm.evaluate import TEST_PROMPTS
+
+    data = base / "persian.jsonl"
+    data.write_text("".join(EMBEDDED_TRAIN.read_text(encoding="utf-8").splitlines(True)[:rows]), encoding="utf-8")
+    prompts = base / "prompts.jsonl"
+    prompts.write_text(TEST_PROMPTS.read_text(encoding="utf-8").splitlines(True)[0], encoding="utf-8")
+    return {"model": save_tiny_model("gemma2", base / "gemma2"), "data": data, "prompts": prompts}
