@@ -172,15 +172,15 @@ def test_prefix_tuning_changes_generation(arch, tiny_dirs, tmp_path):
     base, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
     prompts = prompts_of()
     base_tokens = generate_token_ids(base, tok, prompts, max_new_tokens=6, batch_size=4)
+    torch.manual_seed(0)  # the prefix's random start: independent of the tests that ran before
     model = apply_method(base, MethodConfig(method="prefix-tuning", **CFG), tok, log=None)
     train_steps(model, tiny_chat_batch(tok), steps=3)
     prefixed = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert prefixed != base_tokens
     # the trap generate_token_ids avoids: with the cache (naming any other method turns it on) PEFT drops the
-    # prefix, so the unpadded (longest) prompt gets exactly the base model's answer
+    # prefix, and every prompt gets exactly the base model's answer
     cached = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4, method="lora")
-    longest = max(range(len(prompts)), key=lambda i: len(str(prompts[i])))
-    assert cached[longest] == base_tokens[longest] != prefixed[longest]
+    assert cached == base_tokens
 
 
 def test_rslora_and_dora_set_their_peft_options(tiny_dirs, tmp_path):

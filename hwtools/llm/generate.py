@@ -18,6 +18,23 @@ def _is_prefix_tuning(model, method: Optional[str]) -> bool:
     return cfg is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING"
 
 
+def _is_soft_prompt(model) -> bool:
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+def generation_batches(lengths: list[int], batch_size: int, same_length: bool) -> list[list[int]]:
+    """Row indices per generate() call: consecutive rows, or (same_length) only rows of equal token length together.
+    PEFT's soft prompts lose the padding mask in batched generation (a 4-D mask is rebuilt as all ones), so their
+    rows must not need padding."""
+    if not same_length:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """EOS ids of the model's generation config and tokenizer, plus the chat format's end-of-turn token."""
     ids = []
@@ -63,23 +80,22 @@ def generate_token_ids(
     else:  # a model's sampling defaults (e.g. Gemma's top_k/top_p) would only trigger warnings in greedy mode
         gen_kwargs.update(temperature=None, top_p=None, top_k=None)
 
+    # the chat template already writes <bos>; the tokenizer must not add a second one
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    batches = generation_batches([len(e) for e in encoded], batch_size, same_length=_is_soft_prompt(model))
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
-    results: list[list[int]] = []
+    results: list[list[int]] = [[] for _ in prompts]
     try:
-        for start in range(0, len(prompts), batch_size):
-            # the chat template already writes <bos>; the tokenizer must not add a second one
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+        for rows in batches:
+            enc = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
-                ids = []
-                for i in row:  # everything after the first stop token is padding
-                    if i in stop_ids:
+            for i, row in zip(rows, out[:, enc["input_ids"].shape[1]:].tolist()):
+                for t in row:  # everything after the first stop token is padding
+                    if t in stop_ids:
                         break
-                    ids.append(i)
-                results.append(ids)
+                    results[i].append(t)
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)
