@@ -122,6 +122,28 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, kill_at_batch):
     assert resumed.final_loss == full.final_loss
 
 
+def frozen_first_layer_model():
+    model = toy_model()
+    model[0].requires_grad_(False)  # a frozen "base" under a trained head, as in LoRA or partial tuning
+    return model
+
+
+def test_checkpoints_hold_trained_tensors_only_and_resume_exactly(tmp_path):
+    from safetensors import safe_open
+
+    full, _ = run_toy(tmp_path / "full", model=frozen_first_layer_model())
+    with pytest.raises(Kill):
+        run_toy(tmp_path / "cut", model=frozen_first_layer_model(), loss_fn=killing_loss(7))
+    ckpt = latest_checkpoint(tmp_path / "cut" / "checkpoints")
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["3.bias", "3.weight"]  # the frozen layer is not copied into every checkpoint
+    resumed, _ = run_toy(tmp_path / "cut", model=frozen_first_layer_model(), resume="latest")
+    assert torch.equal(flat_weights(full.model), flat_weights(resumed.model))
+    # resuming into a model that trains tensors the checkpoint lacks is refused, not silently started fresh
+    with pytest.raises(UserError, match="lacks 2 trained tensor"):
+        run_toy(tmp_path / "cut", model=toy_model(), resume="latest")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def nan_at_step_5(model, batch, calls={"n": 0}):
         calls["n"] += 1

@@ -2,6 +2,8 @@
 
 Layout under the run dir: checkpoints/step-00000050/ (accelerate state + loop_state.json) and checkpoints/latest (a
 text file naming the newest complete checkpoint). A kill at any moment leaves `latest` naming a complete checkpoint.
+Model files hold the trained tensors only (plus buffers): a frozen base is reloaded from the model itself on resume,
+so a LoRA checkpoint of a 2B model is megabytes, not gigabytes.
 """
 from __future__ import annotations
 
@@ -40,7 +42,11 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, k
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every rank writes its own RNG state file
+    handle = accelerator.register_save_state_pre_hook(_keep_trained_tensors)
+    try:
+        accelerator.save_state(str(tmp))  # every rank writes its own RNG state file
+    finally:
+        handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
@@ -52,6 +58,34 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, k
         _prune(ckpt_root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _trained_names(model) -> set[str]:
+    """State-dict keys a checkpoint must hold for `model`: its trainable parameters and its buffers."""
+    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+
+
+def _keep_trained_tensors(models, weights, output_dir) -> None:
+    """save_state pre-hook: drop frozen parameters (a frozen base, 4-bit weights) from the model state dicts."""
+    for i in range(min(len(models), len(weights))):  # FSDP/DeepSpeed save their models themselves (no entry)
+        keep = _trained_names(models[i])
+        weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+
+def _check_trained_tensors(models, input_dir) -> None:
+    """load_state pre-hook: every trainable tensor must be in the checkpoint (it loads with strict=False)."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not path.is_file():
+            continue
+        with safe_open(str(path), "pt") as f:
+            saved = set(f.keys())
+        missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in saved)
+        if missing:
+            raise UserError(f"{input_dir}: checkpoint lacks {len(missing)} trained tensor(s) of this model (first: "
+                            f"{missing[0]}); it was saved by a run with another method or options")
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
@@ -91,5 +125,9 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore everything `save_checkpoint` saved; return the loop state."""
-    accelerator.load_state(str(path))
+    handle = accelerator.register_load_state_pre_hook(_check_trained_tensors)
+    try:  # strict=False: frozen weights are not in the checkpoint, they stay as loaded from the base model
+        accelerator.load_state(str(path), strict=False)
+    finally:
+        handle.remove()
     return json.loads((Path(path) / LOOP_STATE).read_text(encoding="utf-8"))
