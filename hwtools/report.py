@@ -40,8 +40,14 @@ def _get(summary: dict, dotted: str):
 # (column title, dotted path in summary.json or a function of the summary, format)
 Column = tuple[str, "str | Callable[[dict], object]", str]
 
+def llm_label(summary: dict) -> str:
+    """The method, plus the embedding rows it also trained (--trainable-tokens) so such a run gets its own row."""
+    tokens = summary.get("trainable_tokens")
+    return f"{summary.get('method')} +tokens({tokens})" if tokens else str(summary.get("method"))
+
+
 LLM_COLUMNS: list[Column] = [
-    ("method", "method", "s"),
+    ("method", llm_label, "s"),
     ("model", "model", "s"),
     ("trainable params", "params.trainable", ",d"),
     ("trainable %", "params.trainable_pct", ".4f"),
@@ -134,17 +140,16 @@ def _trainable(summary) -> float:
 
 def write_llm_comparison(runs, out_dir: Path) -> Optional[Path]:
     """results/llm_comparison.md|csv, llm_loss_curves.png and llm_resources.png; one row per (method, model)."""
-    runs = newest_per_key([r for r in runs if r[1].get("task") == "llm"], lambda s: (s.get("method"), s.get("model")))
+    runs = newest_per_key([r for r in runs if r[1].get("task") == "llm"], lambda s: (llm_label(s), s.get("model")))
     if not runs:
         return None
-    rows = table_rows(runs, LLM_COLUMNS, sort_key=lambda s: (_trainable(s), str(s.get("method"))))
+    rows = table_rows(runs, LLM_COLUMNS, sort_key=lambda s: (_trainable(s), llm_label(s)))
     md = Path(out_dir) / "llm_comparison.md"
     write_table(LLM_COLUMNS, rows, md, md.with_suffix(".csv"), "Fine-tuning methods compared")
-    label = lambda s: str(s.get("method"))  # noqa: E731
-    plots.loss_curves(loss_curve_series(runs, label), Path(out_dir) / "llm_loss_curves.png", title="LLM loss")
-    ordered = sorted(runs, key=lambda r: (_trainable(r[1]), str(r[1].get("method"))))
+    plots.loss_curves(loss_curve_series(runs, llm_label), Path(out_dir) / "llm_loss_curves.png", title="LLM loss")
+    ordered = sorted(runs, key=lambda r: (_trainable(r[1]), llm_label(r[1])))
     plots.metric_panels(
-        [label(s) for _, s in ordered],
+        [llm_label(s) for _, s in ordered],
         {
             "peak memory (MB)": [_get(s, "resources.peak_memory_mb") for _, s in ordered],
             "train time (s)": [_get(s, "resources.train_time_s") for _, s in ordered],

@@ -174,6 +174,7 @@ def main(argv=None):
             resources=result.resources, train={"steps": result.steps, "final_loss": result.final_loss,
                                                "stopped_reason": result.stopped_reason},
             eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
+            trainable_tokens=cfg.trainable_tokens.strip() or None,
         )
         tracker.log({"step": result.steps, "split": "test", **{k: v for k, v in test.items() if v is not None}})
         accelerator.print(f"done: {run_dir} (test {summary['test']})")

@@ -240,3 +240,39 @@ def test_method_config_is_a_cli_dataclass():
     assert (cfg.method, cfg.lora_r, cfg.target_modules, cfg.unfreeze_last) == ("dora", 16, "all-linear", 3)
     assert all(f.metadata.get("help") for f in dataclasses.fields(MethodConfig))
     assert MethodConfig().target_modules == "q_proj,k_proj,v_proj,o_proj" and MethodConfig().num_virtual_tokens == 20
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama"])  # tied and untied output head
+def test_trainable_tokens_train_only_their_embedding_rows(arch, tiny_dirs, tmp_path):
+    model, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
+    base_emb = model.get_input_embeddings().weight.detach().clone()
+    base_head = model.get_output_embeddings().weight.detach().clone()
+    cfg = MethodConfig(method="lora", trainable_tokens="chat", **CFG)
+    model = apply_method(model, cfg, tok, log=None)
+    turn_ids = sorted(tok.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"]))
+    assert count_parameters(model)["trainable"] == expected_trainable(arch, "lora", len(tok)) + 2 * H
+
+    losses = train_steps(model, tiny_chat_batch(tok))
+    assert losses[-1] < losses[0] - 0.05, losses
+    prompts = prompts_of()
+    tokens = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    save_finetuned(model, tok, tmp_path / "run" / "final", cfg, base_model=str(tiny_dirs[arch]))
+
+    merged = model.merge_and_unload()
+    emb, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    moved = sorted(torch.nonzero((emb != base_emb).any(dim=1)).flatten().tolist())
+    assert moved == turn_ids  # only the turn markers' rows trained
+    if arch == "gemma2":  # a tied head shares the trained rows, so the model can learn to emit <end_of_turn>
+        assert torch.equal(head, emb)
+    else:
+        assert torch.equal(head, base_head)
+    loaded, tok2 = load_finetuned(tmp_path / "run", tmp_path)
+    assert generate_token_ids(loaded, tok2, prompts, max_new_tokens=6, batch_size=4) == tokens
+
+
+def test_trainable_tokens_errors(tiny_dirs, tmp_path):
+    model, tok = load_model_and_tokenizer(str(tiny_dirs["llama"]), tmp_path)
+    with pytest.raises(UserError, match="'<nope>' is not one token"):
+        apply_method(model, MethodConfig(method="lora", trainable_tokens="<end_of_turn>,<nope>"), tok)
+    with pytest.raises(UserError, match="not with --method prompt-tuning"):
+        apply_method(model, MethodConfig(method="prompt-tuning", trainable_tokens="chat"), tok)

@@ -26,6 +26,9 @@ def test_compare_writes_sorted_tables_with_dashes(tmp_path):
              "eval": {"loss": 1.6}, "test": {"perplexity": 5.0, "chrf": 30.0, "base_chrf": 20.0}})
     fake_run(runs, "prompt", {"task": "llm", "method": "prompt-tuning", "model": "m",
              "params": {"trainable": 12800, "total": 268110976, "trainable_pct": 0.005}, "test": None})
+    # the same method with its turn tokens trained is another row, not a duplicate of lora
+    fake_run(runs, "lora-chat", {"task": "llm", "method": "lora", "model": "m", "trainable_tokens": "chat",
+             "params": {"trainable": 738560}})
     fake_run(runs, "att", {"task": "caption", "arch": "attention", "model": "enc", "params": {"trainable": 10,
              "total": 20}, "test": {"bleu1": 0.7, "bleu4": 0.3, "meteor": None}})
     (runs / "broken").mkdir()  # no summary: skipped, not a crash
@@ -35,7 +38,8 @@ def test_compare_writes_sorted_tables_with_dashes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(open(out / "llm_comparison.csv")))
     header = rows[0]
-    assert [r[0] for r in rows[1:]] == ["prompt-tuning", "lora"]  # fewest trainable parameters first
+    # fewest trainable parameters first
+    assert [r[0] for r in rows[1:]] == ["prompt-tuning", "lora", "lora +tokens(chat)"]
     lora = dict(zip(header, rows[2]))
     assert lora["trainable params"] == "737,280" and lora["chrF before"] == "20.00" and lora["chrF after"] == "30.00"
     prompt = dict(zip(header, rows[1]))

@@ -26,6 +26,8 @@ PEFT_METHODS = SOFT_PROMPT_METHODS + LORA_METHODS
 DEFAULT_PROMPT_INIT_TEXT = "به پرسش‌های کاربر به زبان فارسی، دقیق و کامل پاسخ بده."
 FINETUNE_META = "finetune.json"
 PARTIAL_WEIGHTS = "partial_layers.safetensors"
+# the turn markers of the chat formats hwtools renders (Gemma, Llama-3); --trainable-tokens chat picks those in the vocab
+CHAT_TURN_TOKENS = ("<start_of_turn>", "<end_of_turn>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 @dataclass
@@ -48,6 +50,11 @@ class MethodConfig:
     target_modules: str = field(
         default="q_proj,k_proj,v_proj,o_proj",
         metadata={"help": "Comma-separated module names LoRA adapts, or all-linear."},
+    )
+    trainable_tokens: str = field(
+        default="",
+        metadata={"help": "LoRA family: also train these tokens' embedding rows (PEFT trainable tokens): comma-separated "
+                  "tokens, or 'chat' for the chat template's turn markers (a base checkpoint never trained them)."},
     )
     unfreeze_first: int = field(default=2, metadata={"help": "partial: train the first N decoder layers."})
     unfreeze_last: int = field(default=2, metadata={"help": "partial: train the last N decoder layers."})
@@ -102,6 +109,9 @@ def check_method_config(cfg: MethodConfig) -> None:
             raise UserError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
         if not parse_target_modules(cfg.target_modules):
             raise UserError("--target-modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
+    if cfg.trainable_tokens.strip() and cfg.method not in LORA_METHODS:
+        raise UserError(f"--trainable-tokens works with {', '.join(LORA_METHODS)} (PEFT trainable tokens), "
+                        f"not with --method {cfg.method}")
     if cfg.method == "partial" and (cfg.unfreeze_first < 0 or cfg.unfreeze_last < 0):
         raise UserError("--unfreeze-first / --unfreeze-last must not be negative")
 
@@ -111,6 +121,27 @@ def parse_target_modules(text: str):
     if text.strip() == "all-linear":
         return "all-linear"
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def resolve_trainable_tokens(text: str, tokenizer) -> list[int]:
+    """Token ids for --trainable-tokens: 'chat' = the chat turn markers in the vocab, else comma-separated tokens."""
+    text = text.strip()
+    if not text:
+        return []
+    if tokenizer is None:
+        raise UserError("--trainable-tokens needs the tokenizer to find the tokens (pass it to apply_method)")
+    vocab = tokenizer.get_vocab()
+    if text == "chat":
+        ids = [vocab[t] for t in CHAT_TURN_TOKENS if t in vocab]
+        if not ids:
+            raise UserError(f"--trainable-tokens chat: the tokenizer has none of {', '.join(CHAT_TURN_TOKENS)}")
+        return ids
+    ids = []
+    for token in (t.strip() for t in text.split(",")):
+        if token not in vocab:
+            raise UserError(f"--trainable-tokens: {token!r} is not one token of this tokenizer's vocabulary")
+        ids.append(vocab[token])
+    return sorted(set(ids))
 
 
 # ---- builders: one per method family --------------------------------------------------------------------------
@@ -147,8 +178,16 @@ def build_p_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
     return get_peft_model(model, PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
 
 
-def build_lora(model: nn.Module, cfg: MethodConfig, *, use_dora: bool = False, use_rslora: bool = False) -> nn.Module:
-    """PEFT LoRA on cfg.target_modules; DoRA (magnitude/direction) and rsLoRA (alpha/sqrt(r)) are its variants."""
+def build_lora(
+    model: nn.Module,
+    cfg: MethodConfig,
+    *,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    token_ids: Optional[list[int]] = None,
+) -> nn.Module:
+    """PEFT LoRA on cfg.target_modules; DoRA (magnitude/direction) and rsLoRA (alpha/sqrt(r)) are its variants.
+    token_ids: embedding rows trained as well (PEFT trainable tokens; a tied output head shares them)."""
     from peft import LoraConfig, get_peft_model
 
     lora_cfg = LoraConfig(
@@ -159,6 +198,7 @@ def build_lora(model: nn.Module, cfg: MethodConfig, *, use_dora: bool = False, u
         target_modules=parse_target_modules(cfg.target_modules),
         use_dora=use_dora,
         use_rslora=use_rslora,
+        trainable_token_indices=list(token_ids) if token_ids else None,
     )
     try:
         return get_peft_model(model, lora_cfg)
@@ -172,7 +212,7 @@ def build_lora(model: nn.Module, cfg: MethodConfig, *, use_dora: bool = False, u
         ) from None
 
 
-def build_qlora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
+def build_qlora(model: nn.Module, cfg: MethodConfig, token_ids: Optional[list[int]] = None) -> nn.Module:
     """QLoRA: LoRA over an NF4-quantised base, after PEFT's k-bit preparation (frozen base, fp32 norms)."""
     from peft import prepare_model_for_kbit_training
 
@@ -180,7 +220,7 @@ def build_qlora(model: nn.Module, cfg: MethodConfig) -> nn.Module:
         raise UserError("qlora needs the base model loaded in 4-bit (load_model_and_tokenizer(quantize_4bit=True))")
     # gradient checkpointing stays the recipe's choice (--gradient-checkpointing), not a side effect of QLoRA
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return build_lora(model, cfg)
+    return build_lora(model, cfg, token_ids=token_ids)
 
 
 def build_partial(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -219,9 +259,10 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
     elif m == "p-tuning":
         model = build_p_tuning(model, cfg)
     elif m in ("lora", "dora", "rslora"):
-        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora")
+        token_ids = resolve_trainable_tokens(cfg.trainable_tokens, tokenizer)
+        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora", token_ids=token_ids)
     elif m == "qlora":
-        model = build_qlora(model, cfg)
+        model = build_qlora(model, cfg, token_ids=resolve_trainable_tokens(cfg.trainable_tokens, tokenizer))
     elif m == "partial":
         model = build_partial(model, cfg)
     else:
