@@ -9,11 +9,14 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=offline
 launch() { .venv/bin/accelerate launch --config_file accelerate_config.yaml "$@"; }
 what=${1:-all}
 if [[ $what == llm || $what == all ]]; then
+  budget=(--max-steps 48 --batch-size 2 --max-length 192 --seed 42 --eval-every 12 --log-every 1 --save-every 0
+          --gen-max-new-tokens 48 --chrf-samples 8 --gen-batch-size 8)
   for m in prompt-tuning prefix-tuning p-tuning lora dora rslora qlora partial full; do
-    launch launch/train_llm.py --method "$m" --output-dir "results/reference/llm-$m" --overwrite \
-      --max-steps 8 --batch-size 2 --max-length 192 --seed 42 --eval-every 4 --log-every 1 --save-every 0 \
-      --gen-max-new-tokens 32 --chrf-samples 4 --gen-batch-size 8
+    launch launch/train_llm.py --method "$m" --output-dir "results/reference/llm-$m" --overwrite "${budget[@]}"
   done
+  # the base model never trained its turn markers: LoRA that also trains their embedding rows
+  launch launch/train_llm.py --method lora --trainable-tokens chat --output-dir results/reference/llm-lora-chat-tokens \
+    --overwrite "${budget[@]}"
 fi
 if [[ $what == caption || $what == all ]]; then
   for a in cnn-rnn attention transformer; do
