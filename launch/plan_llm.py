@@ -64,6 +64,9 @@ def main(argv=None):
         raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
     if cfg.attention not in (None, "eager", "sdpa"):
         raise UserError(f"--attention {cfg.attention}: choose eager or sdpa")
+    if cfg.trainable_tokens.strip():  # resolving token names needs the tokenizer, which the planner never loads
+        raise UserError("--trainable-tokens is not planned: it adds (tokens x hidden size) parameters to LoRA, "
+                        "e.g. 2 x 2,304 for Gemma-2-2B's turn markers, a negligible amount of memory")
     methods = chosen_methods(cfg.method)
     config = resolve_config(cfg.model, cfg.cache_dir)
     attention = cfg.attention or default_attention(config)

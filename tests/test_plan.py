@@ -339,7 +339,8 @@ def test_cli_writes_the_table_and_rejects_bad_input(tmp_path, capsys):
     assert [r.split("|")[1].strip() for r in rows] == ["lora", "qlora", "full"]
     assert "| lora | 3,194,880 |" in text and "2,614,341,888" in text
     assert "### Training memory plan: gemma-2-2b" in capsys.readouterr().out
-    for bad in (["--model", "nobody/nothing"], ["--method", "lora,magic"], ["--dtype", "int3"]):
+    for bad in (["--model", "nobody/nothing"], ["--method", "lora,magic"], ["--dtype", "int3"],
+                ["--trainable-tokens", "chat"]):
         with pytest.raises(SystemExit) as e:
             plan_llm.main(bad + ["--cache-dir", str(tmp_path)])
         assert e.value.code == 2
