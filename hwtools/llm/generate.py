@@ -1,24 +1,21 @@
-"""Batched chat generation that respects each fine-tuning method (prefix tuning needs the cache off)."""
+"""Batched chat generation that respects each fine-tuning method (soft prompts need the cache off, unpadded rows)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from hwtools.llm.methods import is_soft_prompt
 from hwtools.llm.templates import render_chat
 
 # end-of-turn markers of chat formats: a base model's generation config often stops only at <eos>
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>")
 
 
-def _is_prefix_tuning(model, method: Optional[str]) -> bool:
+def _is_soft_prompt(model, method: Optional[str]) -> bool:
+    """Prompt tuning, P-tuning or prefix tuning, by `method` when given, else from the PEFT config."""
     if method is not None:
-        return method == "prefix-tuning"
-    cfg = getattr(model, "active_peft_config", None)
-    return cfg is not None and str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING"
-
-
-def _is_soft_prompt(model) -> bool:
+        return is_soft_prompt(method)
     cfg = getattr(model, "active_peft_config", None)
     return bool(getattr(cfg, "is_prompt_learning", False))
 
@@ -64,7 +61,10 @@ def generate_token_ids(
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
-    use_cache = not _is_prefix_tuning(model, method)
+    # with the KV cache PEFT drops a prefix, and misplaces the steps after virtual tokens (the answer drifts into noise
+    # after its first token); without it every step re-reads the soft prompt exactly as in training
+    soft_prompt = _is_soft_prompt(model, method)
+    use_cache = not soft_prompt
     device = next(model.parameters()).device
     prompts = [render_chat(tokenizer, turns, add_generation_prompt=True) for turns in conversations]
     stop_ids = stop_token_ids(model, tokenizer)
@@ -82,7 +82,7 @@ def generate_token_ids(
 
     # the chat template already writes <bos>; the tokenizer must not add a second one
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    batches = generation_batches([len(e) for e in encoded], batch_size, same_length=_is_soft_prompt(model))
+    batches = generation_batches([len(e) for e in encoded], batch_size, same_length=soft_prompt)
     was_training, old_side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
@@ -117,8 +117,8 @@ def generate_answers(
     """The model's answer to each conversation (turns ending with a user turn), greedy or sampled, in batches.
 
     Prompts are rendered with the chat template plus the generation prompt and left-padded. Generation stops at
-    EOS or the chat format's end-of-turn token. Prefix tuning (by `method`, or detected from the PEFT config)
-    generates without the KV cache: with it PEFT silently drops the prefix.
+    EOS or the chat format's end-of-turn token. Soft prompts (by `method`, or detected from the PEFT config)
+    generate without the KV cache and batch only prompts of equal length (see generate_token_ids).
     """
     ids = generate_token_ids(model, tokenizer, conversations, max_new_tokens, batch_size, do_sample, method,
                              temperature=temperature, top_p=top_p)
