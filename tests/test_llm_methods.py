@@ -171,15 +171,16 @@ def test_method_trains_only_its_parameters_and_round_trips(arch, method, tiny_di
 def test_prefix_tuning_changes_generation(arch, tiny_dirs, tmp_path):
     base, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
     prompts = prompts_of()
-    base_tokens = generate_token_ids(base, tok, prompts, max_new_tokens=6, batch_size=4)
+    base_tokens = generate_token_ids(base, tok, prompts, max_new_tokens=6, batch_size=1)
     torch.manual_seed(0)  # the prefix's random start: independent of the tests that ran before
     model = apply_method(base, MethodConfig(method="prefix-tuning", **CFG), tok, log=None)
     train_steps(model, tiny_chat_batch(tok), steps=3)
     prefixed = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
     assert prefixed != base_tokens
     # the trap generate_token_ids avoids: with the cache (naming any other method turns it on) PEFT drops the
-    # prefix, and every prompt gets exactly the base model's answer
-    cached = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4, method="lora")
+    # prefix, and every prompt gets exactly the base model's answer. One row per call on both sides: in padded
+    # batches PEFT also loses the padding mask, a second trap that would hide this one
+    cached = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=1, method="lora")
     assert cached == base_tokens
 
 
