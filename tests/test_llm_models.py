@@ -104,6 +104,36 @@ def test_quantize_4bit_on_cpu_loads_nf4_double_quant(tiny_dirs, tmp_path):
     assert torch.isfinite(out.logits).all()
 
 
+def test_qlora_gradients_unchanged_by_an_eval_forward(tiny_dirs, tmp_path):
+    """bitsandbytes repacks 4-bit weights for its CPU inference kernel on the first no-grad eval forward, and that
+    kernel has no backward: training after the base model's generations then silently lost every gradient that
+    crosses a frozen 4-bit layer (the QLoRA reference run's loss rose). Loading turns that repacking off."""
+    import bitsandbytes as bnb
+
+    model, tok = load_model_and_tokenizer(str(tiny_dirs["gemma3"]), tmp_path, quantize_4bit=True)
+    torch.manual_seed(0)
+    model = apply_method(model, MethodConfig(method="qlora", lora_dropout=0.0), tok, log=None)
+    ids = tok(["<start_of_turn>user\nسلام، حالت چطور است؟<end_of_turn>"], return_tensors="pt")["input_ids"]
+
+    def lora_grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = lora_grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # what the base model's test generations and evaluation do
+    after = lora_grads()
+    first_layer = [n for n in before if ".layers.0." in n and "lora_B" in n]  # lora_A starts with zero grad (B = 0)
+    assert first_layer and all(before[n].abs().sum() > 0 for n in first_layer)
+    for n in before:
+        torch.testing.assert_close(after[n], before[n], msg=n)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
 def test_embedded_conversion_is_atomic_and_happens_once(tmp_path, monkeypatch):
     calls = []
 

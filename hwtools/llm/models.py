@@ -47,6 +47,8 @@ def load_model_and_tokenizer(
         kwargs["device_map"] = _quantized_device_map()
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantize_4bit:
+        _keep_4bit_layers_differentiable(lm)
     if not getattr(tokenizer, "chat_template", None) and config.model_type in _GEMMA_TYPES:
         from hwtools.llm.templates import GEMMA_CHAT_TEMPLATE
 
@@ -80,6 +82,17 @@ def _resolve_model_path(model: str) -> str:
             f"--model {model}: cannot load it from the hub ({reason}); pass a local copy with --model /path/to/DIR"
         ) from None
     return model
+
+
+def _keep_4bit_layers_differentiable(lm) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel. It repacks on the first no-grad
+    eval forward (the base model's generations), for good, and that kernel has no backward: QLoRA training afterwards
+    silently lost every gradient through a frozen 4-bit layer (bitsandbytes 0.50, CPUs with AVX512-BF16)."""
+    import bitsandbytes as bnb
+
+    for module in lm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _nf4_config(compute_dtype: torch.dtype):
