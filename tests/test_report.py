@@ -56,3 +56,14 @@ def test_compare_with_nothing_to_compare_exits_2(tmp_path):
                           text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 1 directories")
+
+
+def test_compare_rebuilds_the_committed_tables_from_the_committed_summaries(tmp_path):
+    """The tables under results/ are exactly what compare.py makes of results/reference/*: nobody edited them."""
+    refs = sorted(p for p in (ROOT / "results/reference").iterdir() if (p / "summary.json").is_file())
+    assert {p.name for p in refs} >= {"llm-lora", "llm-qlora", "llm-full", "caption-attention"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/compare.py"), *map(str, refs), "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("llm_comparison.md", "llm_comparison.csv", "caption_comparison.md", "caption_comparison.csv"):
+        assert (tmp_path / name).read_text() == (ROOT / "results" / name).read_text(), name
