@@ -20,6 +20,7 @@ from hwtools.llm.methods import (
     is_soft_prompt,
     load_finetuned,
     needs_4bit,
+    prefix_init_ids,
     save_finetuned,
     trainable_groups,
 )
@@ -182,6 +183,30 @@ def test_prefix_tuning_changes_generation(arch, tiny_dirs, tmp_path):
     # batches PEFT also loses the padding mask, a second trap that would hide this one
     cached = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=1, method="lora")
     assert cached == base_tokens
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_prefix_starts_as_the_init_text_in_front_of_every_input(arch, tiny_dirs, tmp_path):
+    base, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
+    base.eval()
+    cfg = MethodConfig(method="prefix-tuning", num_virtual_tokens=6, prompt_init_text="به فارسی پاسخ بده")
+    init = prefix_init_ids(tok, cfg.prompt_init_text, 6)
+    assert len(init) == 6 and init[0] == tok.bos_token_id
+    x = tok("<start_of_turn>user\nسلام<end_of_turn>", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = base(input_ids=torch.cat([torch.tensor([init]), x], 1)).logits[:, len(init):]
+    model = apply_method(base, cfg, tok, log=None)
+    model.eval()
+    with torch.no_grad():
+        got = model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # an empty init text keeps PEFT's random start
+    random_start = apply_method(load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)[0],
+                                MethodConfig(method="prefix-tuning", num_virtual_tokens=6, prompt_init_text=""), tok,
+                                log=None)
+    with torch.no_grad():
+        other = random_start.eval()(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    assert (other - expected).abs().max() > 1e-2
 
 
 def test_rslora_and_dora_set_their_peft_options(tiny_dirs, tmp_path):

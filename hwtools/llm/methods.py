@@ -40,7 +40,8 @@ class MethodConfig:
     )
     prompt_init_text: str = field(
         default=DEFAULT_PROMPT_INIT_TEXT,
-        metadata={"help": "Prompt tuning starts from the embeddings of this text (empty: sampled vocabulary)."},
+        metadata={"help": "Prompt tuning starts from this text's embeddings, prefix tuning from its keys/values in "
+                          "every layer (empty: PEFT's random start)."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (lora, dora, rslora, qlora)."})
     lora_alpha: float = field(
@@ -164,11 +165,49 @@ def build_prompt_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> 
     return get_peft_model(model, peft_cfg)
 
 
-def build_prefix_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
-    """PEFT prefix tuning: trained keys/values for every layer (generate with use_cache=False, see generate.py)."""
+def build_prefix_tuning(model: nn.Module, cfg: MethodConfig, tokenizer=None) -> nn.Module:
+    """PEFT prefix tuning: trained keys/values for every layer (generate with use_cache=False, see generate.py),
+    starting as the base model's own keys/values of cfg.prompt_init_text when a tokenizer is given."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens))
+    init_ids = None
+    if cfg.prompt_init_text and tokenizer is not None:
+        init_ids = prefix_init_ids(tokenizer, cfg.prompt_init_text, cfg.num_virtual_tokens)
+        init = _keys_values_of(model, init_ids)  # from the plain model, before PEFT wraps it
+    peft_model = get_peft_model(
+        model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+    )
+    if init_ids is not None:
+        weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+        if init.shape != weight.shape:
+            raise UserError(f"prefix init: keys/values of shape {tuple(init.shape)} do not fit PEFT's prefix "
+                            f"{tuple(weight.shape)}; pass --prompt-init-text '' for a random start")
+        with torch.no_grad():
+            weight.copy_(init.to(weight.dtype))
+    return peft_model
+
+
+def prefix_init_ids(tokenizer, text: str, n: int) -> list[int]:
+    """n token ids: <bos> (Gemma's attention sink: a prefix without it starts from outlier activations), then the
+    text's tokens, repeated or cut to fit."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise UserError("--prompt-init-text tokenizes to nothing")
+    head = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    body = (ids * (n // len(ids) + 1))[: max(n - len(head), 0)]
+    return (head + body)[:n]
+
+
+def _keys_values_of(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """The model's keys and values of `ids` in PEFT's prefix layout (tokens, layers x [key, value] x heads x dim):
+    the prefix then acts exactly as if the text preceded every input."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    cache = out["cache"] if "cache" in out else out.past_key_values  # transformers >= 5.2 renamed it
+    per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, heads, n, dim)
+    kv = torch.cat(per_layer)  # (layers*2, heads, n, dim)
+    return kv.permute(2, 0, 1, 3).reshape(len(ids), -1)
 
 
 def build_p_tuning(model: nn.Module, cfg: MethodConfig) -> nn.Module:
@@ -255,7 +294,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
     if m == "prompt-tuning":
         model = build_prompt_tuning(model, cfg, tokenizer)
     elif m == "prefix-tuning":
-        model = build_prefix_tuning(model, cfg)
+        model = build_prefix_tuning(model, cfg, tokenizer)
     elif m == "p-tuning":
         model = build_p_tuning(model, cfg)
     elif m in ("lora", "dora", "rslora"):
