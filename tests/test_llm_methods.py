@@ -173,7 +173,7 @@ def test_prefix_tuning_changes_generation(arch, tiny_dirs, tmp_path):
     base, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
     prompts = prompts_of()
     base_tokens = generate_token_ids(base, tok, prompts, max_new_tokens=6, batch_size=1)
-    torch.manual_seed(0)  # the prefix's random start: independent of the tests that ran before
+    torch.manual_seed(0)  # independent of the random state the tests before left
     model = apply_method(base, MethodConfig(method="prefix-tuning", **CFG), tok, log=None)
     train_steps(model, tiny_chat_batch(tok), steps=3)
     prefixed = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)

@@ -201,10 +201,12 @@ def prefix_init_ids(tokenizer, text: str, n: int) -> list[int]:
 def _keys_values_of(model: nn.Module, ids: list[int]) -> torch.Tensor:
     """The model's keys and values of `ids` in PEFT's prefix layout (tokens, layers x [key, value] x heads x dim):
     the prefix then acts exactly as if the text preceded every input."""
-    device = next(model.parameters()).device
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()  # no dropout in the starting point
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-    cache = out["cache"] if "cache" in out else out.past_key_values  # transformers >= 5.2 renamed it
+    model.train(was_training)
+    cache = out["cache"] if "cache" in out else out.past_key_values  # newer transformers renamed the field
     per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, heads, n, dim)
     kv = torch.cat(per_layer)  # (layers*2, heads, n, dim)
     return kv.permute(2, 0, 1, 3).reshape(len(ids), -1)
