@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from hwtools.caption.models import (ImageCaptioningModel, ShowAttendTell, build_caption_model, caption_loss,
                                     encoder_output_for)
+from hwtools.caption.models.transformer import region_positions
 from hwtools.caption.vocab import END_ID, PAD_ID, START_ID
 from hwtools.errors import UserError
 
@@ -154,6 +155,20 @@ def test_transformer_cross_attends_to_image():
     a = dec(batch["features"], batch["caption_ids"], batch["caption_mask"])["logits"]
     b = dec(batch["features"].flip(0), batch["caption_ids"], batch["caption_mask"])["logits"]
     assert (a - b).abs().max() > 1e-3
+
+
+def test_transformer_knows_where_each_region_is():
+    # without region positions cross-attention is blind to region order: a swap of two regions changed nothing
+    dec = make_decoder("transformer")
+    batch = make_batch("transformer")
+    feats = torch.randn(3, 4, C)  # a 2 x 2 grid
+    swapped = feats[:, [1, 0, 2, 3]]  # top-left <-> top-right
+    a = dec(feats, batch["caption_ids"], batch["caption_mask"])["logits"]
+    b = dec(swapped, batch["caption_ids"], batch["caption_mask"])["logits"]
+    assert (a - b).abs().max() > 1e-3
+    p = region_positions(49, 16)  # 7 x 7, row-major: row half shared along a row, column half down a column
+    assert torch.equal(p[7, :8], p[13, :8]) and torch.equal(p[2, 8:], p[9, 8:]) and not torch.equal(p[0], p[1])
+    assert region_positions(1, 16).abs().sum() == 0  # a pooled vector has no position
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -19,6 +19,20 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     return table
 
 
+def region_positions(num_regions: int, d_model: int) -> torch.Tensor:
+    """Fixed (num_regions, d_model) positions for a row-major square grid of regions: half the channels encode
+    the row, half the column (DETR's 2-D sin/cos). Other counts get the 1-D table; a single pooled region none."""
+    side = math.isqrt(num_regions)
+    if num_regions == 1:
+        return torch.zeros(1, d_model)
+    if side * side != num_regions or d_model % 4:
+        return sinusoidal_positions(num_regions, d_model)
+    axis = sinusoidal_positions(side, d_model // 2)  # (side, d/2)
+    rows = axis.repeat_interleave(side, dim=0)  # region r*side + c -> row r
+    cols = axis.repeat(side, 1)  # -> column c
+    return torch.cat([rows, cols], dim=1)
+
+
 def causal_mask(length: int, device=None) -> torch.Tensor:
     """Boolean (T, T) mask, True above the diagonal = position i may not attend to j > i."""
     return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
@@ -31,7 +45,9 @@ class CaptionTransformer(nn.Module):
     Positions are sinusoidal, not learned: Flickr8k has ~30k short captions, so learned vectors for the rare long
     positions would barely train, while the fixed table costs no parameters and extends to any decoding length.
     The frozen backbone's regions (B, R, C) (or a pooled (B, C) vector, taken as one region) go through a Linear to
-    d_model: the "last layer replaced by a projection to the decoder width".
+    d_model: the "last layer replaced by a projection to the decoder width". Each region then gets its grid position
+    added: cross-attention is blind to the order of its keys, so without it "left" and "top" could only come from
+    location cues the CNN features happen to carry.
     """
 
     feature_kind = "spatial"
@@ -53,7 +69,8 @@ class CaptionTransformer(nn.Module):
     def encode_memory(self, features: torch.Tensor) -> torch.Tensor:
         if features.ndim == 2:
             features = features.unsqueeze(1)
-        return self.feature_proj(features)
+        memory = self.feature_proj(features)
+        return memory + region_positions(memory.shape[1], self.d_model).to(memory)
 
     def _decode(self, memory: torch.Tensor, tokens: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         length = tokens.shape[1]
