@@ -102,7 +102,7 @@ class BenchLLMArgs(ModelArgs):
     batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch (packed blocks or examples)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     steps: int = field(default=20, metadata={"help": "Optimiser steps per timed run."})
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine after 5% warmup)."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (cosine after a 5 percent warmup)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
