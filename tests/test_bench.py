@@ -127,3 +127,17 @@ def test_bench_caption_bad_flags_are_one_line_user_errors(argv, message, capsys,
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [message]
     assert not any(tmp_path.iterdir())  # nothing measured, nothing written
+
+
+def test_bench_gpu_script_refuses_without_cuda_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine would run the benchmarks")
+    proc = subprocess.run(["bash", str(ROOT / "launch/bench_gpu.sh"), str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench_gpu.sh needs a CUDA device (torch.cuda.is_available() is False); the CPU benchmarks are "
+        "launch/bench_*.py"]
+    assert not any(tmp_path.iterdir())
