@@ -38,7 +38,9 @@ class CaptionTrainConfig(LoopConfig):
         "help": "embedded (generated Flickr8k-layout set), a Flickr8k folder (original or Kaggle layout), a "
                 "datasets folder or a hub id."})
     split: str = field(default="random", metadata={
-        "help": "random: 80/10/10 by image with --seed; official: Flickr8k's own Flickr_8k.{train,dev,test}Images.txt (6000/1000/1000; needs the lists from Flickr8k_text.zip beside the data)."})
+        "help": "random: 80/10/10 by image with --seed; official: Flickr8k's own "
+                "Flickr_8k.{train,dev,test}Images.txt (6000/1000/1000; the lists from Flickr8k_text.zip, beside "
+                "the data)."})
     encoder: str = field(default="embedded", metadata={
         "help": "embedded (tf_efficientnet_lite0 with packaged ImageNet weights) or a timm model name."})
     pretrained: bool = field(default=False, metadata={"help": "Load the timm encoder's weights from the hub."})

@@ -294,3 +294,18 @@ def test_official_split_without_lists_stops_every_recipe_with_one_line(tmp_path,
     assert_user_error(2, capfd.readouterr().err, "--split official: no Flickr_8k.trainImages.txt")
     code = run_recipe("train_caption", _caption_argv(data, tmp_path / "run", cache, "--split", "offical"))
     assert_user_error(code, capfd.readouterr().err, "--split offical: choose one of random, official", True)
+
+
+@pytest.mark.parametrize("where", [".", "Flickr8k_text_unpacked"])
+def test_text_archive_unpacked_at_the_root_or_in_any_subfolder(tmp_path, where):
+    built = make_original(tmp_path / "flickr8k")
+    text = tmp_path / "flickr8k" / "Flickr8k_text"
+    target = tmp_path / "flickr8k" / where
+    target.mkdir(exist_ok=True)
+    for f in list(text.iterdir()):
+        f.rename(target / f.name)
+    text.rmdir()
+    items = cdata.load_captions(str(tmp_path / "flickr8k"), DataReport(), tmp_path / "cache")
+    assert len(items) == len(built["readable"])
+    splits = cdata.make_splits(items, "official", str(tmp_path / "flickr8k"), tmp_path / "cache")
+    assert {k: len(v) for k, v in splits.items()} == {"train": 8, "validation": 3, "test": 4}

@@ -78,9 +78,11 @@ def load_captions(data: str, report: DataReport, cache_dir) -> dict[str, list[st
 
 def detect_layout(folder: Path) -> tuple[str, Path | None, Path | None]:
     """('original'|'kaggle'|'datasets', captions file, images dir) from what the folder holds."""
-    for rel in ORIGINAL_TOKEN_FILES:
-        if (folder / rel).is_file():
-            return "original", folder / rel, _first_dir(folder, ORIGINAL_IMAGE_DIRS)
+    # Flickr8k_text.zip unpacked into the folder itself or into a subfolder of any name
+    tokens = [folder / rel for rel in ORIGINAL_TOKEN_FILES] + sorted(folder.glob(f"*/{ORIGINAL_TOKEN_FILES[1]}"))
+    for token_file in tokens:
+        if token_file.is_file():
+            return "original", token_file, _first_dir(folder, ORIGINAL_IMAGE_DIRS)
     if (folder / KAGGLE_CAPTIONS).is_file():
         return "kaggle", folder / KAGGLE_CAPTIONS, _first_dir(folder, KAGGLE_IMAGE_DIRS)
     if any((folder / m).is_file() for m in DATASETS_MARKERS):
@@ -316,12 +318,14 @@ def data_folder(data: str, cache_dir) -> Path | None:
 def official_lists(data: str, cache_dir) -> dict[str, Path]:
     """Paths of Flickr8k's train/dev/test image lists beside the data; one-line UserError when they are absent."""
     folder = data_folder(data, cache_dir)
-    for sub in OFFICIAL_LIST_DIRS if folder is not None else ():
-        found = {split: folder / sub / name for split, name in OFFICIAL_LISTS.items()}
+    places = [] if folder is None else [folder / sub for sub in OFFICIAL_LIST_DIRS] + [
+        p.parent for p in sorted(folder.glob(f"*/{OFFICIAL_LISTS['train']}"))]
+    for place in places:
+        found = {split: place / name for split, name in OFFICIAL_LISTS.items()}
         if all(p.is_file() for p in found.values()):
             return found
     raise UserError(
-        f"--split official: no {', '.join(OFFICIAL_LISTS.values())} in {folder or data} or its Flickr8k_text/ "
+        f"--split official: no {', '.join(OFFICIAL_LISTS.values())} in {folder or data} or a folder in it "
         f"(they come in the original Flickr8k_text.zip, not in the Kaggle copy); copy them there or use --split random")
 
 

@@ -2,8 +2,8 @@
 
 The conversation column is found by what it holds, whatever its name: cells that are lists of turns with role/content
 (`universitytehran/SlimOrca`'s `message`, OpenAI-style) or from/value (`Open-Orca/SlimOrca`'s ShareGPT
-`conversations`). Internal form: a conversation is a list of turns `{"role": "system"|"user"|"assistant", "content": str}` with at most
-one leading system turn, then user/assistant alternating, ending with an assistant turn.
+`conversations`). Internal form: a conversation is a list of turns `{"role": "system"|"user"|"assistant",
+"content": str}` with at most one leading system turn, then user/assistant alternating, ending with an assistant turn.
 """
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def _rows_from_hub(repo_id: str):
     except Exception as e:  # offline + not cached, unknown id, gated: all one user-facing message
         raise UserError(
             f"cannot load data set '{repo_id}' from the hub ({type(e).__name__}; offline or not cached?): "
-            f"download it where there is internet (huggingface-cli download {repo_id} --repo-type dataset "
+            f"download it where there is internet (hf download {repo_id} --repo-type dataset "
             f"--local-dir DIR) and pass --data path/to/file.jsonl|.parquet or that DIR"
         ) from None
     rows = []
