@@ -33,6 +33,8 @@ class EvalCaptionArgs:
     max_len: Optional[int] = field(default=None, metadata={"help": "Longest caption in tokens (default: the run's)."})
     output_dir: Optional[str] = field(default=None, metadata={"help": "Where figures go (default <run>/eval)."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Data/feature cache (default: the run's)."})
+    split: Optional[str] = field(default=None, metadata={
+        "help": "Test split: random (80/10/10 by image) or official (Flickr_8k.testImages.txt); default: the run's."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch."})
 
 
@@ -82,8 +84,10 @@ def main(argv=None):
         return
 
     report = DataReport()
+    split = args.split or spec.get("split", "random")  # runs saved before --split existed used random
+    cap_run.check_split(split)
     splits = cap_run.load_splits(spec["data"], args.cache_dir or spec["cache_dir"], spec["seed"], report,
-                                 max_eval_images=spec.get("max_eval_images", 0))
+                                 max_eval_images=spec.get("max_eval_images", 0), split=split)
     test_only = {"test": splits["test"]}
     # a fine-tuned encoder's features differ from the cached ones of its starting weights: encode them live
     inputs = cap_run.prepare_image_inputs(model.encoder, data_config, test_only, spec["finetune_blocks"] == 0,
@@ -94,7 +98,8 @@ def main(argv=None):
     title = f"{spec['arch']} on {spec['data']} ({spec['encoder']} encoder), re-evaluated"
     test, figures = cap_eval.evaluate_and_report(model, loader, vocab, max_len, beam, out_dir, title,
                                                  data_config["input_size"])
-    write_json(out_dir / "eval.json", {"run": str(run_dir), "beam_size": beam, "max_len": max_len, "test": test,
+    write_json(out_dir / "eval.json", {"run": str(run_dir), "split": split, "test_images": len(splits["test"]),
+                                       "beam_size": beam, "max_len": max_len, "test": test,
                                        "data_report": report.as_dict()})
     print(json.dumps({k: v for k, v in test.items() if not isinstance(v, dict)}))
     print(f"wrote {out_dir / 'eval.json'}, errors.md and {', '.join(p.name for p in figures)}")

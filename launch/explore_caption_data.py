@@ -3,8 +3,9 @@
     python launch/explore_caption_data.py --data embedded --output-dir results/runs/explore --min-freq 2
 
 Writes samples.png, caption_lengths.png, caption_length_hist.png, top_words.png, top_words_no_stop.png and
-stats.json to --output-dir, and prints the vocabulary size, its coverage at --min-freq and the length percentiles
-that justify --max-len. The vocabulary is built on the train split only, as training does.
+stats.json to --output-dir, and prints the images and captions read (and skipped, by reason), the split, the
+vocabulary size, its coverage at --min-freq and the length percentiles that justify --max-len. The vocabulary is built
+on the train split only, as training does; --split official uses Flickr8k's own lists.
 """
 from __future__ import annotations
 
@@ -18,11 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from transformers import HfArgumentParser
 
 from hwtools import plots
-from hwtools.caption.data import load_captions, split_by_image
+from hwtools.caption.data import SPLIT_CHOICES, load_captions, make_splits, official_lists, open_rgb
 from hwtools.caption.vocab import Vocab, clean_caption, coverage, word_counts
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError, cli_main
@@ -42,6 +42,8 @@ class ExploreArgs:
     output_dir: str = field(default="", metadata={"help": "default results/runs/caption-explore-<timestamp>"})
     min_freq: int = field(default=2, metadata={"help": "words seen fewer times in train become <unk>"})
     seed: int = field(default=42, metadata={"help": "seed of the split and of the sample images"})
+    split: str = field(default="random", metadata={
+        "help": "random: 80/10/10 by image with --seed; official: Flickr8k's Flickr_8k.{train,dev,test}Images.txt"})
     cache_dir: str = field(default_factory=lambda: os.environ.get("HWTOOLS_CACHE", "~/.cache/hwtools"),
                            metadata={"help": "where the embedded set and converted images live"})
 
@@ -50,9 +52,11 @@ def explore(args: ExploreArgs) -> dict:
     """Write the figures and stats.json for args.data; return the stats."""
     out = Path(args.output_dir or f"results/runs/caption-explore-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.split == "official":
+        official_lists(args.data, args.cache_dir)  # absent: stop before reading every image
     report = DataReport()
     items = load_captions(args.data, report, args.cache_dir)
-    splits = split_by_image(items, seed=args.seed)
+    splits = make_splits(items, args.split, args.data, args.cache_dir, args.seed)
     train_caps = [c for caps in splits["train"].values() for c in caps]
     val_caps = [c for caps in splits["validation"].values() for c in caps]
     vocab = Vocab.build(train_caps, args.min_freq)
@@ -71,8 +75,7 @@ def explore(args: ExploreArgs) -> dict:
     sample = rng.sample(sorted(items), min(5, len(items)))
     images = []
     for path in sample:
-        with Image.open(path) as im:
-            images.append(im.convert("RGB"))
+        images.append(open_rgb(path))
     plots.image_grid(images, [rng.choice(items[p]) for p in sample], out / "samples.png", title=args.data)
     # Token counts are integers: a little vertical jitter shows how many captions sit on each length.
     jitter = np.random.default_rng(args.seed).uniform(-0.25, 0.25, len(lengths))
@@ -90,7 +93,8 @@ def explore(args: ExploreArgs) -> dict:
 
     stats = {
         "data": args.data, "images": len(items), "captions": len(all_caps),
-        "split_images": {k: len(v) for k, v in splits.items()},
+        "split": args.split, "split_images": {k: len(v) for k, v in splits.items()},
+        "images_in_no_split": len(items) - sum(len(v) for v in splits.values()),
         "min_freq": args.min_freq, "vocab_size": len(vocab), "word_types_train": cov["types"],
         "train_token_coverage": cov["token_coverage"], "validation_oov_rate": val_oov,
         "length_percentiles": pct, "suggested_max_len": pct["p99"],
@@ -107,9 +111,16 @@ def main(argv=None) -> None:
     (args,) = HfArgumentParser(ExploreArgs).parse_args_into_dataclasses(args=argv)
     if args.min_freq < 1:
         raise UserError(f"--min-freq must be >= 1, got {args.min_freq}")
+    if args.split not in SPLIT_CHOICES:
+        raise UserError(f"--split {args.split}: choose one of {', '.join(SPLIT_CHOICES)}")
     s = explore(args)
     pct = s["length_percentiles"]
-    print(f"images {s['images']}, captions {s['captions']}, split {s['split_images']}")
+    dr = s["data_report"]
+    print(f"images {s['images']}, captions {s['captions']} ({dr['rows_read']} caption lines read, "
+          f"{dr['rows_skipped']} skipped{': ' if dr['rows_skipped'] else ''}"
+          + ", ".join(f"{r} {n}" for r, n in dr["skipped_by_reason"].items()) + ")")
+    print(f"split ({s['split']}) {s['split_images']}"
+          + (f"; {s['images_in_no_split']} image(s) in no list" if s["images_in_no_split"] else ""))
     print(f"vocabulary size {s['vocab_size']} (incl. 4 specials) at --min-freq {s['min_freq']}: "
           f"{s['vocab_size'] - 4} of {s['word_types_train']} train word types, "
           f"covering {100 * s['train_token_coverage']:.2f}% of train tokens; "

@@ -50,21 +50,22 @@ def _percentiles(values) -> dict:
     return {f"p{p}": int(np.percentile(arr, p)) for p in PERCENTILES} if len(arr) else {}
 
 
-def schema_stats(rows) -> dict:
-    """Top-level keys, turn keys, raw role names and weights, as they are in the file."""
+def schema_stats(rows, column: str) -> dict:
+    """Top-level keys, the conversation column, turn keys, raw role names and weights, as they are in the file."""
     top, turn_keys, roles, weights = Counter(), Counter(), Counter(), Counter()
     for _, row in rows:
         if not isinstance(row, dict):
             continue
         top.update(row.keys())
-        turns = row.get("conversations", row.get("messages"))
+        turns = row.get(column)
         for turn in turns if isinstance(turns, list) else []:
             if isinstance(turn, dict):
                 turn_keys.update(turn.keys())
-                roles[str(turn.get("from", turn.get("role")))] += 1
+                roles[str(next((turn[k] for k in llm_data.ROLE_KEYS if turn.get(k) is not None), None))] += 1
                 if "weight" in turn:
                     weights[repr(turn["weight"])] += 1
-    return {"row_keys": dict(top), "turn_keys": dict(turn_keys), "roles": dict(roles), "weights": dict(weights)}
+    return {"row_keys": dict(top), "conversation_column": column, "turn_keys": dict(turn_keys),
+            "roles": dict(roles), "weights": dict(weights)}
 
 
 def turn_stats(convs) -> dict:
@@ -166,7 +167,7 @@ def explore(args: ExploreArgs) -> dict:
         splits = llm_data.split_conversations(convs, seed=args.seed)
     stats = {
         "data": args.data,
-        "schema": schema_stats(rows),
+        "schema": schema_stats(rows, llm_data.conversation_column(rows, args.data)),
         "data_report": report.as_dict(),
         "splits": {s: len(v) for s, v in splits.items()},
         "turns": turn_stats(convs),

@@ -37,6 +37,10 @@ class CaptionTrainConfig(LoopConfig):
     data: str = field(default="embedded", metadata={
         "help": "embedded (generated Flickr8k-layout set), a Flickr8k folder (original or Kaggle layout), a "
                 "datasets folder or a hub id."})
+    split: str = field(default="random", metadata={
+        "help": "random: 80/10/10 by image with --seed; official: Flickr8k's own "
+                "Flickr_8k.{train,dev,test}Images.txt (6000/1000/1000; the lists from Flickr8k_text.zip, beside "
+                "the data)."})
     encoder: str = field(default="embedded", metadata={
         "help": "embedded (tf_efficientnet_lite0 with packaged ImageNet weights) or a timm model name."})
     pretrained: bool = field(default=False, metadata={"help": "Load the timm encoder's weights from the hub."})
@@ -70,6 +74,7 @@ class CaptionTrainConfig(LoopConfig):
 
     def __post_init__(self):
         cap_run.check_arch(self.arch)
+        cap_run.check_split(self.split)
         for name, value in cap_run.ARCH_DEFAULTS[self.arch].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -85,7 +90,7 @@ def main(argv=None):
     report = DataReport()
     with accelerator.main_process_first():  # the main process generates the embedded set; the others read it
         splits = cap_run.load_splits(cfg.data, cfg.cache_dir, cfg.seed, report, cfg.max_train_images,
-                                     cfg.max_eval_images)
+                                     cfg.max_eval_images, split=cfg.split)
     vocab = cap_run.load_or_build_vocab(splits["train"], cfg.min_freq,
                                         existing=run_dir / VOCAB_FILE if cfg.resume else None)
     encoder, data_config = cap_run.build_image_encoder(cfg.arch, cfg.encoder, cfg.pretrained, cfg.encoder_weights,
@@ -108,7 +113,8 @@ def main(argv=None):
 
     spec = {"arch": cfg.arch, "encoder": cfg.encoder, "pretrained": cfg.pretrained,
             "encoder_weights": cfg.encoder_weights, "finetune_blocks": cfg.finetune_blocks, "knobs": knobs,
-            "max_len": cfg.max_len, "beam_size": cfg.beam_size, "data": cfg.data, "seed": cfg.seed,
+            "max_len": cfg.max_len, "beam_size": cfg.beam_size, "data": cfg.data, "split": cfg.split,
+            "seed": cfg.seed,
             "max_eval_images": cfg.max_eval_images, "cache_dir": cfg.cache_dir}
     config_dict = {"task": "caption", **dataclasses.asdict(cfg), "vocab_size": len(vocab),
                    "encoder_timm_name": encoder.name, "encoder_weights_id": encoder.weights_id,

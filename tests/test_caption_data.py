@@ -1,6 +1,7 @@
 import importlib.util
 import io
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -264,6 +265,8 @@ def test_transforms_keep_the_whole_frame_and_never_flip():
     assert x[0, :, :20].mean() > 0.9 and x[2, :, :20].mean() < -0.9  # left columns red (normalised to +-1)
     assert x[2, :, -20:].mean() > 0.9 and x[0, :, -20:].mean() < -0.9  # right columns blue
     train = build_transforms(DATA_CONFIG, train=True)
+    torch.manual_seed(0)  # the jitter can dim a pure colour to the 0.6 bound: seeded, so the test cannot flake
+    random.seed(0)
     for _ in range(20):
         t = train(img)
         assert t.shape == (3, 48, 48)

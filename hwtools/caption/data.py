@@ -1,7 +1,10 @@
-"""Captioning data: Flickr8k loaders (original, Kaggle, `datasets`), the split by image, and the torch Dataset.
+"""Captioning data: Flickr8k loaders (original, Kaggle, `datasets`), the splits (80/10/10 by image, or Flickr8k's
+official lists), and the torch Dataset.
 
 Every loader returns {image path: [raw captions]}. Captions whose image is missing or unreadable, and malformed
 caption lines, are skipped and counted by reason in the DataReport; only a data set with no usable image is an error.
+Text files may start with a UTF-8 byte-order mark and end lines with CRLF; images are read upright (EXIF orientation)
+and as RGB whatever their mode (grayscale, CMYK), by the same code that checks them at load time.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hwtools.caption import synthetic
 from hwtools.caption.vocab import Vocab, clean_caption
@@ -39,6 +42,11 @@ MALFORMED = "malformed caption line"
 EMPTY = "empty caption"
 
 SPLITS = ("train", "validation", "test")
+SPLIT_CHOICES = ("random", "official")
+# Flickr8k's official split lists (6000 / 1000 / 1000 images), in Flickr8k_text.zip of the original archive
+OFFICIAL_LISTS = {"train": "Flickr_8k.trainImages.txt", "validation": "Flickr_8k.devImages.txt",
+                  "test": "Flickr_8k.testImages.txt"}
+OFFICIAL_LIST_DIRS = ("Flickr8k_text", ".")
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -70,9 +78,11 @@ def load_captions(data: str, report: DataReport, cache_dir) -> dict[str, list[st
 
 def detect_layout(folder: Path) -> tuple[str, Path | None, Path | None]:
     """('original'|'kaggle'|'datasets', captions file, images dir) from what the folder holds."""
-    for rel in ORIGINAL_TOKEN_FILES:
-        if (folder / rel).is_file():
-            return "original", folder / rel, _first_dir(folder, ORIGINAL_IMAGE_DIRS)
+    # Flickr8k_text.zip unpacked into the folder itself or into a subfolder of any name
+    tokens = [folder / rel for rel in ORIGINAL_TOKEN_FILES] + sorted(folder.glob(f"*/{ORIGINAL_TOKEN_FILES[1]}"))
+    for token_file in tokens:
+        if token_file.is_file():
+            return "original", token_file, _first_dir(folder, ORIGINAL_IMAGE_DIRS)
     if (folder / KAGGLE_CAPTIONS).is_file():
         return "kaggle", folder / KAGGLE_CAPTIONS, _first_dir(folder, KAGGLE_IMAGE_DIRS)
     if any((folder / m).is_file() for m in DATASETS_MARKERS):
@@ -93,7 +103,7 @@ def _load_original(token_file: Path, images_dir: Path, report: DataReport) -> di
     """Lines `<image>.jpg#<k>\\t<caption>`; the `#<k>` index is optional."""
     checker = _ImageChecker(report)
     items: dict[str, list[str]] = {}
-    with open(token_file, encoding="utf-8", errors="replace") as f:
+    with open(token_file, encoding="utf-8-sig", errors="replace") as f:  # -sig: a leading BOM is not a name
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -236,19 +246,23 @@ class _ImageChecker:
         return self.verdicts[path]
 
 
+def open_rgb(path, draft: bool = False) -> Image.Image:
+    """The image as RGB, upright (EXIF orientation applied), whatever its mode (L, CMYK, P, RGBA).
+    draft: JPEGs decode at 1/8 scale (cheap; still reads every byte, so a truncated file fails)."""
+    with Image.open(path) as im:
+        if draft and im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
 def image_problem(path: Path) -> str | None:
-    """None if the image decodes, else the skip reason. JPEGs are decoded at 1/8 scale (cheap, and unlike
-    `verify()` it catches truncated files); other formats use PIL's `verify()`."""
-    if not path.is_file():
+    """None if the image reads as training will read it (open_rgb), else the skip reason."""
+    if not Path(path).is_file():
         return MISSING
     try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-                im.load()
-            else:
-                im.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        open_rgb(path, draft=True)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # truncated, empty, not an image
         return UNREADABLE
     return None
 
@@ -293,6 +307,59 @@ def split_by_image(items: dict, fracs=(0.8, 0.1, 0.1), seed: int = 42) -> dict[s
     return {name: {img: items[img] for img in imgs} for name, imgs in cuts.items()}
 
 
+def data_folder(data: str, cache_dir) -> Path | None:
+    """The local folder behind `data` (the embedded set's generated folder), or None for a hub id."""
+    if data == "embedded":
+        return synthetic.ensure_embedded(Path(cache_dir).expanduser())
+    folder = Path(data).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def official_lists(data: str, cache_dir) -> dict[str, Path]:
+    """Paths of Flickr8k's train/dev/test image lists beside the data; one-line UserError when they are absent."""
+    folder = data_folder(data, cache_dir)
+    places = [] if folder is None else [folder / sub for sub in OFFICIAL_LIST_DIRS] + [
+        p.parent for p in sorted(folder.glob(f"*/{OFFICIAL_LISTS['train']}"))]
+    for place in places:
+        found = {split: place / name for split, name in OFFICIAL_LISTS.items()}
+        if all(p.is_file() for p in found.values()):
+            return found
+    raise UserError(
+        f"--split official: no {', '.join(OFFICIAL_LISTS.values())} in {folder or data} or a folder in it "
+        f"(they come in the original Flickr8k_text.zip, not in the Kaggle copy); copy them there or use --split random")
+
+
+def read_image_list(path: Path) -> list[str]:
+    """Image names of an official split list, one a line (BOM and CRLF tolerated)."""
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+
+
+def split_official(items: dict, lists: Mapping[str, Path]) -> dict[str, dict]:
+    """train/validation/test from the official lists (matched by file name); images in no list are left out,
+    listed images that were skipped as missing or unreadable are simply absent."""
+    by_name = {Path(p).name: p for p in items}
+    out, owner = {}, {}
+    for split in SPLITS:
+        out[split] = {}
+        for name in read_image_list(lists[split]):
+            if name in owner and owner[name] != split:
+                raise UserError(f"{lists[split]}: {name} is also in the {owner[name]} list; the splits must not share "
+                                f"images")
+            owner[name] = split
+            if name in by_name:
+                out[split][by_name[name]] = items[by_name[name]]
+    return out
+
+
+def make_splits(items: dict, split: str, data: str, cache_dir, seed: int = 42) -> dict[str, dict]:
+    """`random`: split_by_image 80/10/10 with seed; `official`: the Flickr8k lists beside `data`."""
+    if split == "random":
+        return split_by_image(items, seed=seed)
+    if split == "official":
+        return split_official(items, official_lists(data, cache_dir))
+    raise UserError(f"--split {split}: choose one of {', '.join(SPLIT_CHOICES)}")
+
+
 # ----------------------------------------------------------------------------------------------------- dataset
 
 
@@ -329,8 +396,7 @@ class CaptionDataset(torch.utils.data.Dataset):
                 raise UserError(f"{image_id}: not in the feature cache; rebuild the cache for this data set")
             item["features"] = torch.as_tensor(self.features[image_id])
         else:
-            with Image.open(image_id) as im:
-                item["image"] = self.transform(im.convert("RGB"))
+            item["image"] = self.transform(open_rgb(image_id))
         if not self.train:
             item["references"] = [" ".join(clean_caption(c)) for c in captions]
         return item

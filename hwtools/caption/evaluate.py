@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from hwtools.caption import synthetic
+from hwtools.caption.data import open_rgb
 from hwtools.caption.decode import beam_search, greedy_decode
 from hwtools.caption.vocab import Vocab, clean_caption
 
@@ -255,8 +256,7 @@ def attention_grid(alphas: torch.Tensor, input_size) -> np.ndarray:
 
 
 def _open_rgb(path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    return open_rgb(path)  # upright and RGB, as training read it
 
 
 def load_image_tensor(path, transform) -> torch.Tensor:

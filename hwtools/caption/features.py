@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
-from PIL import Image
 
+from hwtools.caption.data import open_rgb
 from hwtools.data_report import DataReport
 
 
@@ -24,9 +24,8 @@ def feature_cache_key(*key_parts) -> str:
 
 def _load_image(path: str, report: Optional[DataReport]):
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:  # missing, truncated or not an image
+        return open_rgb(path)
+    except (OSError, ValueError, SyntaxError) as e:  # missing, truncated or not an image
         if report is None:
             raise
         report.skip(f"unreadable image ({type(e).__name__})", str(path))

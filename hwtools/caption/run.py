@@ -14,7 +14,8 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from hwtools.caption.data import CaptionDataset, collate_captions, load_captions, split_by_image
+from hwtools.caption.data import (SPLIT_CHOICES, CaptionDataset, collate_captions, load_captions, make_splits,
+                                  official_lists)
 from hwtools.caption.encoders import build_encoder
 from hwtools.caption.features import load_or_build_feature_cache
 from hwtools.caption.models import ImageCaptioningModel, build_caption_model, caption_loss, encoder_output_for
@@ -46,6 +47,11 @@ def check_arch(arch: str) -> None:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCH_DEFAULTS)}")
 
 
+def check_split(split: str) -> None:
+    if split not in SPLIT_CHOICES:
+        raise UserError(f"--split {split}: choose one of {', '.join(SPLIT_CHOICES)}")
+
+
 def decoder_knobs(arch: str, cfg) -> dict:
     """Constructor keywords of the arch's decoder, taken from the config fields of the same meaning."""
     check_arch(arch)
@@ -63,10 +69,12 @@ def decoder_knobs(arch: str, cfg) -> dict:
 
 
 def load_splits(data: str, cache_dir, seed: int, report: DataReport, max_train_images: int = 0,
-                max_eval_images: int = 0) -> dict[str, dict[str, list[str]]]:
-    """train/validation/test {image path: raw captions}, split by image with `seed`; the optional limits keep the
-    first N images of a split (quick runs and tests)."""
-    splits = split_by_image(load_captions(data, report, cache_dir), seed=seed)
+                max_eval_images: int = 0, split: str = "random") -> dict[str, dict[str, list[str]]]:
+    """train/validation/test {image path: raw captions}: `random` splits 80/10/10 by image with `seed`, `official`
+    follows Flickr8k's lists; the optional limits keep the first N images of a split (quick runs and tests)."""
+    if split == "official":
+        official_lists(data, cache_dir)  # absent lists: stop before reading and checking every image
+    splits = make_splits(load_captions(data, report, cache_dir), split, data, cache_dir, seed)
     limits = {"train": max_train_images, "validation": max_eval_images, "test": max_eval_images}
     out = {}
     for name, items in splits.items():
@@ -126,7 +134,8 @@ def prepare_image_inputs(encoder, data_config: dict, splits: Mapping[str, Mappin
 
         feats = encode_images(encoder, paths, eval_tf, batch_size, device=device, report=report)
         return ImageInputs(feats, None, eval_tf, "features in memory (random encoder weights, not cached)")
-    key = (encoder.name, encoder.weights_id, encoder.output, repr(eval_tf))
+    # "upright": features of images read with their EXIF orientation applied (older caches did not)
+    key = (encoder.name, encoder.weights_id, encoder.output, repr(eval_tf), "upright")
     feats = load_or_build_feature_cache(Path(cache_dir) / "caption-features", key, encoder, paths, eval_tf,
                                         batch_size, device=device, report=report, log=log)
     return ImageInputs(feats, None, eval_tf, "cached features")

@@ -1,7 +1,9 @@
-"""Chat data in the SlimOrca (ShareGPT) schema: loading, validation, splits, label masking, packing, collation.
+"""Chat data (SlimOrca and its Persian translation): loading, validation, splits, label masking, packing, collation.
 
-Internal form: a conversation is a list of turns `{"role": "system"|"user"|"assistant", "content": str}` with at most
-one leading system turn, then user/assistant alternating, ending with an assistant turn.
+The conversation column is found by what it holds, whatever its name: cells that are lists of turns with role/content
+(`universitytehran/SlimOrca`'s `message`, OpenAI-style) or from/value (`Open-Orca/SlimOrca`'s ShareGPT
+`conversations`). Internal form: a conversation is a list of turns `{"role": "system"|"user"|"assistant",
+"content": str}` with at most one leading system turn, then user/assistant alternating, ending with an assistant turn.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ ROLE_ALIASES = {
     "model": "assistant",
 }
 
+# column names tried when no column's cells look like turns yet (e.g. every row of a tiny file is malformed)
+CONVERSATION_COLUMNS = ("conversations", "messages", "message", "conversation")
+ROLE_KEYS, TEXT_KEYS = ("from", "role"), ("value", "content")
+# files a hub download or a `datasets` export holds beside the data that are not rows
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+
 # skip reasons, as they appear in summary.json's data_report
 BAD_JSON = "line is not valid JSON"
 NOT_OBJECT = "row is not a JSON object"
@@ -51,12 +59,55 @@ NO_LABEL = "no trainable assistant token"
 
 
 # ----------------------------------------------------------------------------------------------------- validation
-def normalize_conversation(row) -> list[dict] | str:
-    """One raw row (SlimOrca `conversations` with from/value, or `messages` with role/content) -> turns, or the
-    skip reason. Empty system turns are dropped; a trailing unanswered user turn is dropped."""
+def _is_turn(value) -> bool:
+    return isinstance(value, dict) and any(k in value for k in ROLE_KEYS) and any(k in value for k in TEXT_KEYS)
+
+
+def _holds_turns(cell) -> bool:
+    """A cell that is a list of turns (some may be null or broken: that row is then skipped by reason)."""
+    return isinstance(cell, list) and any(_is_turn(t) for t in cell)
+
+
+def conversation_column(rows, source: str) -> str:
+    """The column whose cells hold lists of turns in the most rows (`message`, `conversations`, ...); else a column
+    with a known name; else a one-line UserError naming the columns seen and what was expected."""
+    votes, seen = {}, {}
+    for _, row in rows:
+        if isinstance(row, dict):
+            for key, cell in row.items():
+                seen.setdefault(key, None)
+                if _holds_turns(cell):
+                    votes[key] = votes.get(key, 0) + 1
+    if votes:
+        return max(votes, key=lambda k: (votes[k], k in CONVERSATION_COLUMNS))
+    known = [k for k in CONVERSATION_COLUMNS if k in seen]
+    if known:
+        return known[0]
+    if not seen:  # no object rows at all: let the per-row reasons say why
+        return CONVERSATION_COLUMNS[0]
+    raise UserError(
+        f"{source}: no column holds conversations (columns seen: {', '.join(map(str, seen))}); expected a column "
+        f"whose cells are lists of turns with role/content or from/value, like SlimOrca's `message` or "
+        f"`conversations`")
+
+
+def _turns_cell(row: dict, column: str):
+    if column in row:
+        return row[column]
+    # rows of another file in the same folder may name the column differently
+    return next((cell for cell in row.values() if _holds_turns(cell)), None)
+
+
+def normalize_conversation(row, column: str | None = None) -> list[dict] | str:
+    """One raw row -> turns, or the skip reason. `column` holds the turns (default: found in the row itself); turns
+    are from/value (ShareGPT) or role/content (OpenAI). Empty system turns and a trailing unanswered user turn are
+    dropped."""
     if not isinstance(row, dict):
         return NOT_OBJECT
-    raw = row.get("conversations", row.get("messages"))
+    if column is None:
+        column = next((k for k, c in row.items() if _holds_turns(c)), None) or \
+            next((k for k in CONVERSATION_COLUMNS if k in row), None)
+    raw = _turns_cell(row, column) if column else None
     if not isinstance(raw, list):
         return NO_CONVERSATIONS
     if not raw:
@@ -65,8 +116,9 @@ def normalize_conversation(row) -> list[dict] | str:
     for turn in raw:
         if not isinstance(turn, dict):
             return BAD_TURN
-        role = turn.get("from", turn.get("role"))
-        value = turn["value"] if "value" in turn else turn.get("content")
+        # a struct column gives every key (null where unset): take the first key that has a value
+        role = next((turn[k] for k in ROLE_KEYS if turn.get(k) is not None), None)
+        value = next((turn[k] for k in TEXT_KEYS if turn.get(k) is not None), None)
         if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
             return UNKNOWN_ROLE
         role = ROLE_ALIASES[role.strip().lower()]
@@ -119,7 +171,7 @@ def _rows_from_json(path: Path):
         if e.msg == "Extra data":  # one object per line under a .json name (what `datasets` writes by default)
             return _rows_from_jsonl(path)
         raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if isinstance(data, dict) and not ("conversations" in data or "messages" in data):
+    if isinstance(data, dict) and not any(_holds_turns(v) or k in CONVERSATION_COLUMNS for k, v in data.items()):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
             raise UserError(f"{path}: expected a list of rows (or an object holding one list of rows)")
@@ -148,7 +200,39 @@ def _rows_from_file(path: Path):
     return readers[path.suffix.lower()](path)
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """Data files under a folder: not the card (README.md), not metadata, not hidden download state
+    (`huggingface-cli download --local-dir` keeps `.cache/huggingface/` beside the data)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                  and p.name not in METADATA_FILES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _rows_from_folder(folder: Path, files: list[Path] | None = None):
+    files = _data_files(folder) if files is None else files
+    if not files:
+        raise UserError(f"{folder}: folder holds no .jsonl, .json or .parquet file")
+    return [r for f in files for r in _rows_from_file(f)]
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The data set repo's files: downloaded online, from the local HF hub cache offline; None if neither works."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset",
+                                      allow_patterns=[f"*{suffix}" for suffix in DATA_SUFFIXES]))
+    except Exception:  # offline and not cached, unknown id, gated: `datasets` gets the next try
+        return None
+
+
 def _rows_from_hub(repo_id: str):
+    # The repo's own parquet/jsonl files first (hub cache or download): what `huggingface-cli download` also gives,
+    # and no `datasets` cache needed offline; `datasets` for anything else (other formats, its own cache).
+    snapshot = _hub_snapshot(repo_id)
+    files = _data_files(snapshot) if snapshot is not None else []
+    if files:
+        return _rows_from_folder(snapshot, files)
     import datasets
 
     try:
@@ -156,7 +240,8 @@ def _rows_from_hub(repo_id: str):
     except Exception as e:  # offline + not cached, unknown id, gated: all one user-facing message
         raise UserError(
             f"cannot load data set '{repo_id}' from the hub ({type(e).__name__}; offline or not cached?): "
-            f"download it where there is internet and pass --data path/to/file.jsonl|.parquet or its folder"
+            f"download it where there is internet (hf download {repo_id} --repo-type dataset "
+            f"--local-dir DIR) and pass --data path/to/file.jsonl|.parquet or that DIR"
         ) from None
     rows = []
     for split in ds:  # the Persian SlimOrca has one split, 'train'
@@ -174,10 +259,7 @@ def read_rows(data: str) -> list[tuple[str, object]]:
         return _rows_from_jsonl(EMBEDDED_TRAIN) + _rows_from_jsonl(EMBEDDED_TEST)
     path = Path(data).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-        if not files:
-            raise UserError(f"{path}: folder holds no .jsonl, .json or .parquet file")
-        return [r for f in files for r in _rows_from_file(f)]
+        return _rows_from_folder(path)
     if path.is_file():
         return _rows_from_file(path)
     if _looks_like_hub_id(data):
@@ -193,10 +275,11 @@ def load_conversations(data: str, report: DataReport) -> list[list[dict]]:
 
 def conversations_from_rows(rows, report: DataReport, source: str) -> list[list[dict]]:
     """Validate read_rows() output into conversations (see load_conversations)."""
+    column = conversation_column(rows, source)
     convs = []
     for where, row in rows:
         report.rows_read += 1
-        turns = BAD_JSON if row is _UNPARSEABLE else normalize_conversation(row)
+        turns = BAD_JSON if row is _UNPARSEABLE else normalize_conversation(row, column)
         if isinstance(turns, str):
             report.skip(turns, where)
         else:
