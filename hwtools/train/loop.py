@@ -221,7 +221,7 @@ def train(
     model.train()
     meter.start()
     # a signal only sets a flag: the step and the save in progress complete
-    with StopSignals() as stop, _closed_on_stop(bar, tracker):
+    with StopSignals() as stop, _closed_on_stop(accelerator, bar, tracker):
         while step < n_steps and stopped is None and preempted is None:
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
@@ -327,13 +327,15 @@ def train(
 
 
 @contextmanager
-def _closed_on_stop(bar, tracker):
-    """A stop (signal, failed save) ends the progress line and flushes the tracker before its one line prints."""
+def _closed_on_stop(accelerator, bar, tracker):
+    """A stop (signal, failed save; every rank raises it) ends the progress line and flushes the tracker before its
+    one line prints; no rank exits before the main process has flushed (torchrun would SIGTERM the others)."""
     try:
         yield
     except RunStopped:
         bar.close()
         tracker.finish()
+        accelerator.wait_for_everyone()
         raise
 
 
