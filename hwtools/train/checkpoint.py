@@ -57,7 +57,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, k
     handle = accelerator.register_save_state_pre_hook(_keep_trained_tensors)
     try:
         accelerator.save_state(str(tmp))  # every rank writes its own RNG state file
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk as their own errors
         failed = e
     finally:
         handle.remove()
@@ -92,15 +92,25 @@ def _check_saved(accelerator, failed, tmp: Path, final) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if final is not None and latest_checkpoint(tmp.parent) != final:  # renamed, but `latest` was not repointed
             shutil.rmtree(final, ignore_errors=True)
-    message = ""
+    name, message = tmp.name.removeprefix(".tmp-"), ""
     if failed is not None:
-        where = failed.filename or tmp
         good = latest_checkpoint(tmp.parent)
-        message = (f"error: saving checkpoint {tmp.name.removeprefix('.tmp-')} failed: {where}: "
-                   f"{failed.strerror or failed}; latest stays {good if good else 'none (no checkpoint yet)'}")
+        message = (f"error: saving checkpoint {name} failed: {_cause(failed, tmp)}; latest stays "
+                   f"{good if good else 'none (no checkpoint yet)'}")
     elif accelerator.is_main_process:
-        message = f"error: saving checkpoint {tmp.name.removeprefix('.tmp-')} failed on another process (its line says why)"
+        message = f"error: saving checkpoint {name} failed on another process (its line says why)"
     raise RunStopped(message, EXIT_SAVE_FAILED)
+
+
+def _cause(e: BaseException, tmp: Path) -> str:
+    """`path: reason` of a failed write; torch.save says only "unexpected pos" on a full disk, so add the free space."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename or tmp}: {e.strerror}"
+    try:
+        free = f" ({shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB free there)"
+    except OSError:
+        free = ""
+    return f"{tmp}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}{free}"
 
 
 def _trained_names(model) -> set[str]:

@@ -294,8 +294,8 @@ def train(
                     saved_at = step
                 meter.start()
                 continue
-            # left the epoch early (max steps reached, a stop signal, or a non-finite loss: then the last good checkpoint
-            # stays latest)
+            # left the epoch early (max steps reached, a stop signal, or a non-finite loss: then the last good
+            # checkpoint stays latest)
             meter.stop()
             if stopped is None and saved_at != step:
                 save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
