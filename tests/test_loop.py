@@ -56,6 +56,7 @@ def run_toy(tmp_path, loss_fn=mse, model=None, data=None, shuffle=True, **overri
     cfg = LoopConfig(**fields)
     acc = make_accelerator(cfg)
     run_dir = prepare_run_dir(cfg, "toy", "mlp", acc)
+    write_json(run_dir / "config.json", {"task": "toy", **dataclasses.asdict(cfg)})  # as the recipes do
     tracker = Tracker(acc, run_dir, cfg, dataclasses.asdict(cfg))
     model = model if model is not None else toy_model()
     data = data or ToyData()

@@ -216,3 +216,64 @@ def test_caption_killed_between_checkpoints_resumes_to_the_same_run(caption_cach
     assert_same_run(out, reference, "decoder.safetensors")
     # the fixed validation image captioned at each epoch end: the same words at the same steps
     assert logged(out, "sample") == logged(reference, "sample") and len(logged(out, "sample")) == 3
+
+
+# ------------------------------------------------------------------------------------------------- preemption
+def wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the run ended first:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def refused(args: list, log: Path) -> str:
+    proc = start("train_llm.py", args, log)
+    assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
+    lines = [x for x in log.read_text().splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, log.read_text()[-3000:]
+    return lines[0]
+
+
+@pytest.mark.integration
+def test_llm_sigterm_mid_epoch_stops_cleanly_and_resumes_to_the_same_run(llm_inputs, llm_reference, tmp_path):
+    """SIGTERM mid-epoch, Ctrl-C while the stop's checkpoint is written; meanwhile a second process on the folder
+    (with --resume, --overwrite) is refused; a resume with another batch size or method is refused, one with another
+    save cadence is recorded; the resumed run ends as the uninterrupted one."""
+    out, log = tmp_path / "run", tmp_path / "stopped.txt"
+    ckpts = out / "checkpoints"
+    args = llm_args(llm_inputs, out)
+    proc = start("train_llm.py", args, log, **{SLOW_SAVE_ENV: "1"})  # each save holds 1 s before its rename
+    wait_for(lambda: latest_step(out) == 4, proc, log)
+    proc.send_signal(signal.SIGSTOP)  # frozen but alive: it still holds the folder
+    try:
+        for extra in (["--resume", "latest"], ["--overwrite"]):
+            line = refused([*args, *extra], tmp_path / "second.txt")
+            assert line.startswith(f"error: {out} is in use by another run: pid {proc.pid} on host "), line
+        assert latest_step(out) == 4 and (out / "config.json").exists()  # --overwrite removed nothing
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    # the stop's own checkpoint (not a periodic one) being written: a second signal must not break it
+    wait_for(lambda: any((p / "loop_state.json").exists() for p in ckpts.glob(".tmp-step-*")), proc, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    stopped_at = latest_step(out)
+    assert 4 < stopped_at < LLM_STEPS and stopped_at % 4, stopped_at  # mid-epoch, off the save cadence
+    ckpt = latest_checkpoint(ckpts)
+    assert log.read_text().splitlines()[-1] == (f"stopped by SIGTERM after step {stopped_at}; checkpoint {ckpt}; "
+                                                f"continue with the same flags and --resume latest")
+    assert not list(ckpts.glob(".tmp-*")) and not (out / "final").exists()
+    assert max_logged_step(out) == stopped_at  # nothing logged past the checkpoint
+
+    line = refused([*args, "--resume", "latest", "--batch-size", 4, "--method", "dora"], tmp_path / "changed.txt")
+    assert '--batch-size 2 -> 4' in line and '--method "lora" -> "dora"' in line and "--lr" not in line, line
+
+    resumed_args = [*args, "--resume", "latest"]
+    resumed_args[resumed_args.index("--save-every") + 1] = 5
+    run("train_llm.py", resumed_args, tmp_path / "resumed.txt")
+    assert_same_run(out, llm_reference.dir, "adapter_model.safetensors")
+    notes = [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["split"] == "event"]
+    assert [(e["event"], e["step"]) for e in notes] == [("stopped", stopped_at), ("resumed", stopped_at)]
+    assert notes[0]["signal"] == "SIGTERM" and notes[1]["changed"] == {"--save-every": [4, 5]}
+    assert not (out / "run.lock").exists()

@@ -3,6 +3,7 @@ recipes run, only rank 0 writes, logged losses are averaged over ranks, every ex
 2-rank run with per-rank batch b learns what a 1-rank run with batch 2b learns."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -288,3 +289,66 @@ def test_prepared_loaders_give_each_example_to_one_rank(llm_inputs, caption_cach
         assert len(r0) == len(r1) and sum(seen.values()) == n + padding, name
         assert len(set(r0) & set(r1)) <= padding and sum((seen - everything).values()) == padding, name
     assert -len(shards["caption/train"]["dataset"]) % 12 > 0  # at least one case where padding happens
+
+
+# --------------------------------------------------------------------------------------------------- preemption
+def worker_pid(launcher: subprocess.Popen, rank: int, timeout: float = 300) -> int:
+    """The pid of torchrun's worker of `rank` (found through /proc: its parent and its RANK variable)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == launcher.pid and f"RANK={rank}".encode() in env:
+                return int(stat.parent.name)
+        assert launcher.poll() is None, "torchrun ended before its workers were found"
+        time.sleep(0.05)
+    raise AssertionError("no worker found")
+
+
+@pytest.mark.integration
+def test_two_ranks_stop_together_on_one_ranks_signal_and_resume_exactly(caption_cache, tmp_path):
+    """SIGUSR1 (SLURM's warning before a time limit) reaches rank 1 only, mid-epoch: rank 0 learns it through the
+    loop's all-reduce, both save the same step and exit 138; `--resume latest` on two ranks then ends with the same
+    weights and losses as an uninterrupted two-rank run."""
+    import time
+
+    script = ROOT / "launch" / "train_caption.py"
+    ref, out = tmp_path / "reference", tmp_path / "run"
+
+    def args(run_dir):  # two epochs, so the stop and the resume are mid-run
+        a = caption_args(caption_cache, run_dir, 8)
+        a[a.index("--epochs") + 1] = 2
+        return a
+
+    reference = launch(torchrun(script, args(ref)), tmp_path / "reference.log")
+    log = tmp_path / "stopped.log"
+    proc = launch(torchrun(script, args(out)), log)
+    rank1 = worker_pid(proc, 1)
+    deadline = time.monotonic() + 600
+    while not ((out / "metrics.jsonl").exists() and '"split": "train"' in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.01)
+    os.kill(rank1, signal.SIGUSR1)
+    proc.wait(timeout=300)
+    text = log.read_text()
+    stopped = [x for x in text.splitlines() if x.startswith("stopped by SIGUSR1 after step ")]
+    assert len(stopped) == 1, text[-4000:]  # from rank 0, which was never signalled
+    step = int(stopped[0].split()[5].rstrip(";"))
+    assert 1 <= step < 10, stopped  # mid first epoch (10 steps an epoch, 20 in all)
+    assert "exitcode  : 138" in text, text[-4000:]  # torchrun's report of its workers (torchrun itself exits 1)
+    ckpt = out / "checkpoints" / f"step-{step:08d}"
+    assert json.loads((ckpt / "loop_state.json").read_text())["step"] == step
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ckpt.iterdir()}
+
+    finish({"resumed": (launch(torchrun(script, [*args(out), "--resume", "latest"]), tmp_path / "resumed.log"),
+                        tmp_path / "resumed.log"),
+            "reference": (reference, tmp_path / "reference.log")})
+    assert_same_logs(out, ref, EXACT)
+    wa, wb = (load_file(str(d / "final" / "decoder.safetensors")) for d in (out, ref))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= EXACT

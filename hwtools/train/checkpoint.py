@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from hwtools.errors import UserError
+from hwtools.errors import EXIT_SAVE_FAILED, RunStopped, UserError
 
 LATEST = "latest"
 LOOP_STATE = "loop_state.json"
@@ -25,12 +25,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old or the new content, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, keep: int) -> Path:
-    """Save model, optimiser, scheduler, RNG states and `loop_state`; keep only the newest `keep` checkpoints."""
+    """Save model, optimiser, scheduler, RNG states and `loop_state`; keep only the newest `keep` checkpoints.
+
+    A save that fails on any rank (no space left, permission denied) removes what it wrote, leaves `latest` naming the
+    last good checkpoint, and raises RunStopped (exit 74) on every rank, with one line naming the path and the cause.
+    """
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / f"step-{step:08d}"
     n = 0
@@ -38,26 +46,71 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, k
         n += 1
         final = ckpt_root / f"step-{step:08d}.{n}"
     tmp = ckpt_root / f".tmp-step-{step:08d}"
+    failed = None
     if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            failed = e
+    _check_saved(accelerator, failed, tmp, None)
     handle = accelerator.register_save_state_pre_hook(_keep_trained_tensors)
     try:
         accelerator.save_state(str(tmp))  # every rank writes its own RNG state file
+    except Exception as e:  # noqa: BLE001 - torch.save and safetensors report a full disk as their own errors
+        failed = e
     finally:
         handle.remove()
-    accelerator.wait_for_everyone()
+    _check_saved(accelerator, failed, tmp, None)
     if accelerator.is_main_process:
-        (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
-        delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
-        os.replace(tmp, final)
-        write_text_atomic(ckpt_root / LATEST, final.name)
+        try:
+            (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
+            delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
+            if delay:
+                time.sleep(delay)
+            os.replace(tmp, final)
+            write_text_atomic(ckpt_root / LATEST, final.name)
+        except OSError as e:
+            failed = e
+    _check_saved(accelerator, failed, tmp, final)
+    if accelerator.is_main_process:
         _prune(ckpt_root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _check_saved(accelerator, failed, tmp: Path, final) -> None:
+    """Barrier that also agrees on failure: if any rank failed, clean up and raise RunStopped on every rank."""
+    flag = 1 if failed is not None else 0
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = int(accelerator.reduce(torch.tensor(flag, device=accelerator.device), reduction="max").item())
+    if not flag:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final is not None and latest_checkpoint(tmp.parent) != final:  # renamed, but `latest` was not repointed
+            shutil.rmtree(final, ignore_errors=True)
+    name, message = tmp.name.removeprefix(".tmp-"), ""
+    if failed is not None:
+        good = latest_checkpoint(tmp.parent)
+        message = (f"error: saving checkpoint {name} failed: {_cause(failed, tmp)}; latest stays "
+                   f"{good if good else 'none (no checkpoint yet)'}")
+    elif accelerator.is_main_process:
+        message = f"error: saving checkpoint {name} failed on another process (its line says why)"
+    raise RunStopped(message, EXIT_SAVE_FAILED)
+
+
+def _cause(e: BaseException, tmp: Path) -> str:
+    """`path: reason` of a failed write; torch.save says only "unexpected pos" on a full disk, so add the free space."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename or tmp}: {e.strerror}"
+    try:
+        free = f" ({shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB free there)"
+    except OSError:
+        free = ""
+    return f"{tmp}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}{free}"
 
 
 def _trained_names(model) -> set[str]:

@@ -7,6 +7,7 @@ early stop on a non-finite loss, progress bar, logging and resource meters.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,9 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from hwtools.errors import UserError
+from hwtools.errors import RunStopped, UserError
 from hwtools.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hwtools.train.meters import ResourceMeter
+from hwtools.train.preempt import StopSignals, signal_name
 from hwtools.train.tracking import Tracker
 
 LossFn = Callable[[torch.nn.Module, dict], "torch.Tensor | tuple[torch.Tensor, float]"]
@@ -197,7 +199,7 @@ def train(
     accelerator.register_for_checkpointing(scheduler)
     ckpt_root = Path(run_dir) / "checkpoints"
 
-    step, epoch, skip = 0, 0, 0
+    step, epoch, skip, preempted = 0, 0, 0, None
     window = {"loss_sum": 0.0, "steps": 0}  # train loss averaged over the steps since the last log line
     last_logged = None
     if cfg.resume:
@@ -209,7 +211,8 @@ def train(
         accelerator.print(f"resumed from {path} at step {step} (epoch {epoch}, batch {skip})")
 
     def loop_state(ep, batches):
-        return {"step": step, "epoch": ep, "batches_in_epoch": batches, "window": window, "last_logged": last_logged}
+        return {"step": step, "epoch": ep, "batches_in_epoch": batches, "window": window, "last_logged": last_logged,
+                "num_processes": accelerator.num_processes}
 
     meter = ResourceMeter(accelerator.device)
     meter.reset_peak()
@@ -217,78 +220,91 @@ def train(
     bar = tqdm(total=n_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     model.train()
     meter.start()
-    while step < n_steps and stopped is None:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loader = train_loader
-        if skip:  # resume mid-epoch: same (seed, epoch) order, minus the batches already trained on
-            loader = accelerator.skip_first_batches(train_loader, skip)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-        batches, skip = skip, 0
-        micro_sum, micro_n = 0.0, 0
-        for batch in _rng_neutral_batches(loader):
-            if step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
-                break
-            batches += 1
-            with accelerator.accumulate(model):
-                loss, _ = _split_loss(loss_fn(model, batch))
-                bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
-                if accelerator.reduce(bad, reduction="sum").item() > 0:
-                    stopped = f"non-finite loss at step {step + 1}"
-                    break
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            meter.add(count_fn(batch))
-            micro_sum += loss.detach().float().item()
-            micro_n += 1
-            if not accelerator.sync_gradients:
-                continue
-            lr = scheduler.get_last_lr()[0]  # the rate this step was taken with
-            scheduler.step()
-            step += 1
-            bar.update(1)
-            step_loss = accelerator.reduce(
-                torch.tensor(micro_sum / micro_n, device=accelerator.device), reduction="mean"
-            ).item()
+    # a signal only sets a flag: the step and the save in progress complete
+    with StopSignals() as stop, _closed_on_stop(accelerator, bar, tracker):
+        while step < n_steps and stopped is None and preempted is None:
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loader = train_loader
+            if skip:  # resume mid-epoch: same (seed, epoch) order, minus the batches already trained on
+                loader = accelerator.skip_first_batches(train_loader, skip)
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(epoch)
+            batches, skip = skip, 0
             micro_sum, micro_n = 0.0, 0
-            window["loss_sum"] += step_loss
-            window["steps"] += 1
-            if step % cfg.log_every == 0 or step == n_steps:
-                last_logged = window["loss_sum"] / window["steps"]
-                tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
-                             "loss": last_logged, "lr": lr})
-                bar.set_postfix(loss=f"{last_logged:.4f}")
-                window = {"loss_sum": 0.0, "steps": 0}
+            for batch in _rng_neutral_batches(loader):
+                if step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
+                    break
+                batches += 1
+                with accelerator.accumulate(model):
+                    loss, _ = _split_loss(loss_fn(model, batch))
+                    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
+                    if accelerator.reduce(bad, reduction="sum").item() > 0:
+                        stopped = f"non-finite loss at step {step + 1}"
+                        break
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                meter.add(count_fn(batch))
+                micro_sum += loss.detach().float().item()
+                micro_n += 1
+                if not accelerator.sync_gradients:
+                    continue
+                lr = scheduler.get_last_lr()[0]  # the rate this step was taken with
+                scheduler.step()
+                step += 1
+                bar.update(1)
+                step_loss = accelerator.reduce(
+                    torch.tensor(micro_sum / micro_n, device=accelerator.device), reduction="mean"
+                ).item()
+                micro_sum, micro_n = 0.0, 0
+                window["loss_sum"] += step_loss
+                window["steps"] += 1
+                if step % cfg.log_every == 0 or step == n_steps:
+                    last_logged = window["loss_sum"] / window["steps"]
+                    tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
+                                 "loss": last_logged, "lr": lr})
+                    bar.set_postfix(loss=f"{last_logged:.4f}")
+                    window = {"loss_sum": 0.0, "steps": 0}
+                meter.stop()
+                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps) and eval_loader is not None:
+                    eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
+                                                            steps_per_epoch), step
+                if cfg.save_every > 0 and step % cfg.save_every == 0:
+                    save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
+                    saved_at = step
+                preempted = stop.agreed(accelerator)  # the same on every rank: all stop after the same step
+                if preempted is not None:
+                    break
+                meter.start()
+            else:  # the epoch ran to its end
+                meter.stop()
+                epoch += 1
+                if cfg.eval_every == 0 and eval_loader is not None and eval_done_at != step:
+                    eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
+                                                            steps_per_epoch), step
+                if on_epoch_end is not None:
+                    on_epoch_end(model, epoch, step)
+                preempted = stop.agreed(accelerator)
+                # the epoch-end state supersedes a save of this step; a stop needs it saved
+                if cfg.save_every == 0 or step >= n_steps or saved_at == step or preempted is not None:
+                    save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, 0), cfg.save_total_limit)
+                    saved_at = step
+                meter.start()
+                continue
+            # left the epoch early (max steps reached, a stop signal, or a non-finite loss: then the last good
+            # checkpoint stays latest)
             meter.stop()
-            if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps) and eval_loader is not None:
-                eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
-                                                        steps_per_epoch), step
-            if cfg.save_every > 0 and step % cfg.save_every == 0:
+            if stopped is None and saved_at != step:
                 save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
                 saved_at = step
-            meter.start()
-        else:  # the epoch ran to its end
+        if preempted is None and stopped is None:  # a signal during the last step: training is done, evaluation is not
+            preempted = stop.agreed(accelerator)
+        if preempted is not None:
             meter.stop()
-            epoch += 1
-            if cfg.eval_every == 0 and eval_loader is not None and eval_done_at != step:
-                eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
-                                                        steps_per_epoch), step
-            if on_epoch_end is not None:
-                on_epoch_end(model, epoch, step)
-            if cfg.save_every == 0 or step >= n_steps or saved_at == step:  # the epoch-end state supersedes
-                save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, 0), cfg.save_total_limit)
-                saved_at = step
-            meter.start()
-            continue
-        # left the epoch early (max steps reached, or a non-finite loss: then the last good checkpoint stays latest)
-        meter.stop()
-        if stopped is None and saved_at != step:
-            save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
-            saved_at = step
+            _stop_on_signal(accelerator, tracker, ckpt_root, step, preempted)
     meter.stop()
     bar.close()
 
@@ -308,6 +324,31 @@ def train(
         resources=meter.as_dict(throughput_unit, accelerator.num_processes, total_items),
         stopped_reason=stopped,
     )
+
+
+@contextmanager
+def _closed_on_stop(accelerator, bar, tracker):
+    """A stop (signal, failed save; every rank raises it) ends the progress line and flushes the tracker before its
+    one line prints; no rank exits before the main process has flushed (torchrun would SIGTERM the others)."""
+    try:
+        yield
+    except RunStopped:
+        bar.close()
+        tracker.finish()
+        accelerator.wait_for_everyone()
+        raise
+
+
+def _stop_on_signal(accelerator, tracker, ckpt_root: Path, step: int, signum: int) -> None:
+    """Log the stop and raise RunStopped (exit 128 + signal) naming the checkpoint to resume."""
+    from hwtools.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(ckpt_root) if accelerator.is_main_process else None
+    name = signal_name(signum)
+    tracker.log({"step": step, "split": "event", "event": "stopped", "signal": name, "checkpoint": ckpt})
+    line = (f"stopped by {name} after step {step}; checkpoint {ckpt}; continue with the same flags and "
+            f"--resume latest" if accelerator.is_main_process else "")
+    raise RunStopped(line, 128 + signum)
 
 
 def _eval_and_log(accelerator, model, loader, loss_fn, tracker, step, steps_per_epoch) -> Optional[float]:

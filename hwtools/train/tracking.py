@@ -9,8 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
-from hwtools.errors import UserError
+from hwtools.errors import EXIT_USER_ERROR, RunStopped, UserError
 from hwtools.train.checkpoint import resolve_resume, write_text_atomic
+from hwtools.train.lock import acquire_run_lock, check_run_lock
+from hwtools.train.resume_check import check_resume, resume_event
 
 RUN_MARKERS = ("config.json", "summary.json", "metrics.jsonl")
 # a run's outputs that --overwrite removes with the markers: an old run's checkpoints would otherwise outrank (and
@@ -31,6 +33,8 @@ def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
             from accelerate.utils import broadcast_object_list
 
             run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    # another live process on this folder is refused before anything is read or removed
+    _on_main(accelerator, lambda: check_run_lock(run_dir))
     config_file = run_dir / "config.json"
     if config_file.is_file():
         try:
@@ -39,13 +43,21 @@ def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
             other = None
         if other is not None and other != task:
             raise UserError(f"{run_dir} holds a '{other}' run, not a '{task}' run; choose another --output-dir")
+    resumed = None
     if cfg.resume:  # a bad --resume fails here, before any model is loaded or any file written
-        resolve_resume(cfg.resume, run_dir)
+        ckpt = resolve_resume(cfg.resume, run_dir)
+        changed = _on_main(accelerator, lambda: check_resume(cfg, task, run_dir, ckpt, accelerator.num_processes))
+        resumed = resume_event(ckpt, changed) if accelerator.is_main_process else None
     holds_run = any((run_dir / m).exists() for m in RUN_MARKERS)
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise UserError(f"{run_dir} already holds a run; pass --resume latest to continue it or --overwrite")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    _on_main(accelerator, lambda: acquire_run_lock(run_dir))  # only the main process holds it
+    if accelerator.is_main_process:
+        if resumed is not None:
+            with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(to_jsonable(resumed), ensure_ascii=False) + "\n")
         if holds_run and cfg.overwrite and not cfg.resume:
             for m in RUN_MARKERS:
                 (run_dir / m).unlink(missing_ok=True)
@@ -53,6 +65,24 @@ def prepare_run_dir(cfg, task: str, name: str, accelerator) -> Path:
                 shutil.rmtree(run_dir / d, ignore_errors=True)
     accelerator.wait_for_everyone()
     return run_dir
+
+
+def _on_main(accelerator, fn):
+    """fn() on the main process only; a UserError there stops every rank (one line, from the main process)."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_object_list([result, error])
+    if error is not None:
+        raise UserError(error) if accelerator.is_main_process else RunStopped("", EXIT_USER_ERROR)
+    return result
 
 
 def to_jsonable(obj):
