@@ -89,11 +89,11 @@ EOF
 }
 export -f tiny_model
 
-check_run() {  # check_run RUN_DIR WEIGHTS_DTYPE|-: summary.json on CUDA, finite losses, final/ written
+check_run() {  # check_run RUN_DIR MIXED_PRECISION LOADED_DTYPE FINAL_DTYPE|-: on CUDA as asked, finite, final/ written
   "$PY" - "$@" <<'EOF'
 import json, math, sys
 from pathlib import Path
-run, want = Path(sys.argv[1]), sys.argv[2]
+run, mixed, loaded, want = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 s = json.loads((run / "summary.json").read_text())
 r, t = s["resources"], s["test"]
 assert r["device"].startswith("cuda"), f"trained on {r['device']}, not on the GPU"
@@ -107,7 +107,14 @@ if want != "-":
         dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
     assert dtypes == {want}, f"final weights {dtypes}, expected {want}"
 cfg = json.loads((run / "config.json").read_text())
-print(f"CHECK {run.name}: ok on {r['device']} (mixed precision {cfg.get('mixed_precision')}, --dtype {cfg['dtype']}): "
+if loaded == "auto":  # what --dtype auto picks for the method on this GPU
+    import torch
+    from hwtools.llm.models import weights_dtype
+    loaded = str(weights_dtype("auto", torch.device("cuda"), cfg["method"])).replace("torch.", "")
+assert (cfg["mixed_precision_used"], cfg["weights_dtype"]) == (mixed, loaded), (cfg["mixed_precision_used"],
+                                                                                 cfg["weights_dtype"])
+print(f"CHECK {run.name}: ok on {r['device']} ({loaded} weights, mixed precision {mixed}, "
+      f"{cfg['attn_implementation_used']} attention): "
       f"test loss {t['base_loss']:.3f} -> {t['loss']:.3f}, {r['throughput']:.0f} {r['throughput_unit']}, peak "
       f"{r['peak_memory_mb']:.0f} MiB allocated / {r.get('peak_memory_reserved_mb')} MiB reserved "
       f"({r.get('peak_memory_scope')})")
@@ -129,15 +136,15 @@ export -f recipe
 
 cli_lora_bf16() {  # crash points 1, 2, 4 (placement), 9: bf16 weights (--dtype auto) under bf16 mixed precision
   recipe lora-bf16 --config_file accelerate_config.yaml --mixed_precision bf16 -- --method lora \
-    && check_run "$WORK/runs/lora-bf16" -
+    && check_run "$WORK/runs/lora-bf16" bf16 auto -
 }
 cli_full() {  # point 6: --dtype auto keeps full fine-tuning's weights in fp32, computing in bf16
   recipe full-auto --config_file accelerate_config.yaml --mixed_precision bf16 -- --method full \
-    && check_run "$WORK/runs/full-auto" F32
+    && check_run "$WORK/runs/full-auto" bf16 auto F32
 }
 cli_partial_fp16() {  # point 3: fp16 weights, trained layers in fp32, fp16 grad scaler
   recipe partial-fp16 --config_file accelerate_config.yaml -- --method partial --dtype fp16 --mixed-precision fp16 \
-    && check_run "$WORK/runs/partial-fp16" -
+    && check_run "$WORK/runs/partial-fp16" fp16 float16 -
 }
 cli_fsdp() {  # point 5: FSDP2 (one process) gathers a full state dict for final/ and writes the whole run contract
   cat >"$WORK/fsdp.yaml" <<'EOF'
@@ -158,7 +165,7 @@ fsdp_config:
   fsdp_offload_params: false
   fsdp_activation_checkpointing: false
 EOF
-  recipe fsdp-full --config_file "$WORK/fsdp.yaml" -- --method full --dtype fp32 && check_run "$WORK/runs/fsdp-full" F32
+  recipe fsdp-full --config_file "$WORK/fsdp.yaml" -- --method full --dtype fp32 && check_run "$WORK/runs/fsdp-full" bf16 float32 F32
 }
 export -f cli_lora_bf16 cli_full cli_partial_fp16 cli_fsdp
 

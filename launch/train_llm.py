@@ -133,10 +133,11 @@ def main(argv=None):
     if cfg.packing and not packing:
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
+    dtype = weights_dtype(cfg.dtype, accelerator.device, cfg.method)
     with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
         model, tokenizer = load_model_and_tokenizer(
-            cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method), device=accelerator.device,
-            dtype=weights_dtype(cfg.dtype, accelerator.device, cfg.method), attn_implementation=cfg.attn_implementation)
+            cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method), device=accelerator.device, dtype=dtype,
+            attn_implementation=cfg.attn_implementation)
     # on the device before the base model answers anything (a 4-bit model was loaded there already)
     model = model if getattr(model, "is_loaded_in_4bit", False) else model.to(accelerator.device)
     report = DataReport()
@@ -162,7 +163,9 @@ def main(argv=None):
     accelerator.print(f"parameters: {params['trainable']:,} trainable of {params['total']:,} "
                       f"({params['trainable_pct']:.4f}%)")
 
-    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure}
+    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure,
+                   "weights_dtype": str(dtype).replace("torch.", ""), "mixed_precision_used": accelerator.mixed_precision,
+                   "attn_implementation_used": structure.get("attn_implementation")}
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_dict)
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)

@@ -263,11 +263,10 @@ def test_final_weights_save_from_a_gathered_state_dict(method, tiny_dir, tmp_pat
     model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path)
     model = apply_method(model, MethodConfig(method=method, lora_r=4, unfreeze_first=1, unfreeze_last=1), tok,
                          log=None)
-    cfg = SimpleNamespace(**vars(MethodConfig(method=method, lora_r=4, unfreeze_first=1, unfreeze_last=1)),
-                          model=str(tiny_dir))
-    own = save_finetuned(model, tok, tmp_path / "own", cfg)
+    cfg = MethodConfig(method=method, lora_r=4, unfreeze_first=1, unfreeze_last=1)
+    own = save_finetuned(model, tok, tmp_path / "own", cfg, base_model=str(tiny_dir))
     gathered = {k: v.clone() for k, v in model.state_dict().items()}
-    given = save_finetuned(model, tok, tmp_path / "given", cfg, state_dict=gathered)
+    given = save_finetuned(model, tok, tmp_path / "given", cfg, base_model=str(tiny_dir), state_dict=gathered)
     files = sorted(p.name for p in own.glob("*.safetensors"))
     assert files and files == sorted(p.name for p in given.glob("*.safetensors"))
     for name in files:

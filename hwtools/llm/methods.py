@@ -419,6 +419,8 @@ def save_finetuned(
         base_model = str(Path(base_model).expanduser().resolve())
     meta = {"method": cfg.method, "base_model": base_model, "quantize_4bit": needs_4bit(cfg.method),
             "method_config": _method_fields(cfg)}
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
     saved = {} if state_dict is None else {"state_dict": state_dict}
     if cfg.method in PEFT_METHODS:
         model.save_pretrained(final, **saved)
@@ -440,6 +442,17 @@ def save_finetuned(
     tokenizer.save_pretrained(final)
     (final / FINETUNE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return final
+
+
+def _without_tied_copies(model: nn.Module, state_dict: dict) -> dict:
+    """state_dict less the second name of each shared parameter (a tied LM head): a gathered state dict holds a copy
+    under both names, where the model's own save writes the tensor once."""
+    seen, copies = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            copies.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in copies}
 
 
 def load_finetuned(run_or_final_dir, cache_dir, *, dtype: Optional[torch.dtype] = None):

@@ -267,6 +267,7 @@ def describe_model(model: nn.Module) -> dict:
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
         "head_dim": getattr(cfg, "head_dim", None),
         "vocab_size": cfg.vocab_size,
+        "attn_implementation": getattr(base.config, "_attn_implementation", None),
         "layers_path": layers_path,
         "layer_class": type(layers[0]).__name__,
         "attention": _sub_block(layers[0], ("attn", "attention")),
