@@ -18,10 +18,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash launch/bench_gpu.sh OUTPUT_DIR}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
 py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 budget=${BUDGET_S:-420}
+"$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
+  'error: bench_gpu.sh needs a CUDA device (torch.cuda.is_available() is False); the CPU benchmarks are launch/bench_*.py')" \
+  || exit 1
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/hwtools-gpu-XXXXXX")
 export PY=$py WORK=$work HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled \
     PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HWTOOLS_CACHE="$work/cache" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,9 +32,6 @@ mkdir -p "$work/logs" "$work/bench" "$work/runs"
 log="$out/bench_gpu.log"
 : >"$log"
 
-"$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
-  'error: bench_gpu.sh needs a CUDA device (torch.cuda.is_available() is False); the CPU benchmarks are launch/bench_*.py')" \
-  || exit 2
 
 results=()
 failed=0
