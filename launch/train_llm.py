@@ -37,7 +37,13 @@ from hwtools.llm.methods import (
     save_finetuned,
     supports_gradient_checkpointing,
 )
-from hwtools.llm.models import describe_model, is_flash_attention, load_model_and_tokenizer, weights_dtype
+from hwtools.llm.models import (
+    check_attn_implementation,
+    describe_model,
+    is_flash_attention,
+    load_model_and_tokenizer,
+    weights_dtype,
+)
 from hwtools.metrics import perplexity
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
@@ -74,6 +80,8 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
 
     def __post_init__(self):
         check_method_config(self)  # a typo in --method fails here, before any model is loaded
+        if self.attn_implementation:
+            check_attn_implementation(self.attn_implementation)
         if self.gradient_checkpointing and not supports_gradient_checkpointing(self.method):
             raise UserError(f"--gradient-checkpointing is not supported with {self.method} (it drops the prefix)")
         if self.lr is None or self.lr <= 0:
