@@ -34,6 +34,7 @@ from hwtools.caption.transforms import build_transforms
 from hwtools.caption.vocab import Vocab
 from hwtools.config import default_cache_dir, parse_config
 from hwtools.data_report import DataReport
+from hwtools.device import bf16_supported, enable_tf32
 from hwtools.errors import UserError, cli_main
 
 CACHE_TARGET = 5.0
@@ -69,11 +70,13 @@ class BenchCaptionArgs:
     cache_dir: str = field(default_factory=default_cache_dir, metadata={
         "help": "Cache of the embedded data set and of the features (shared with train_caption.py)."})
     output_dir: str = field(default="results/bench", metadata={"help": "Where caption.md and caption.json go."})
-    name: str = field(default="caption", metadata={"help": "Base name of the result files."})
+    name: Optional[str] = field(default=None, metadata={
+        "help": "Base name of the result files (default: caption on a CPU, caption_<device type> elsewhere, e.g. "
+                "caption_cuda, so that a GPU run never overwrites the CPU results)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:1."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | "
                                                              "bf16."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (train_caption.py uses 0)."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers (train_caption.py: 0 with cached features, up to 4 on a GPU otherwise)."})
     seed: int = field(default=42, metadata={"help": "Seed of the split, the batch sample and the weights."})
     notes: list[str] = field(default_factory=list, metadata={"help": "Free-text notes written into the results."})
     quick: bool = field(default=False, metadata={
@@ -98,7 +101,12 @@ def check_args(args: BenchCaptionArgs) -> BenchCaptionArgs:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
+
+
+def result_name(name: Optional[str], device: torch.device) -> str:
+    """--name, else caption (CPU) or caption_<device type> (the committed CPU results keep their name)."""
+    return name or ("caption" if device.type == "cpu" else f"caption_{device.type}")
 
 
 def load_data(args: BenchCaptionArgs) -> tuple[dict, Vocab, DataReport]:
@@ -371,6 +379,7 @@ def main(argv=None) -> dict:
         raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     machine = bench.machine_info(device)
     bf16 = use_bf16(args.precision, device)
+    enable_tf32(device)  # as the recipes' accelerator does
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -383,7 +392,7 @@ def main(argv=None) -> dict:
                               log=lambda m: print(m, flush=True)) for arch in args.archs}
     results = {"archs": archs, "vocab_size": len(vocab), "precision": "bf16" if bf16 else "fp32",
                "data_report": report.as_dict(), "cache_target": CACHE_TARGET}
-    md, js = bench.write_results(args.output_dir, args.name, "Captioning benchmark: feature cache, decoding",
+    md, js = bench.write_results(args.output_dir, result_name(args.name, device), "Captioning benchmark: feature cache, decoding",
                                  results, markdown_body(results, args), settings=asdict(args),
                                  notes=auto_notes(machine, args), machine=machine, started_at=started)
     print(f"wrote {md} and {js}")

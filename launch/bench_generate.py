@@ -23,6 +23,7 @@ import torch
 from bench_llm import ModelArgs, load_bench_model, load_data, resolve_device
 from hwtools import bench
 from hwtools.config import parse_config
+from hwtools.device import bf16_supported, enable_tf32
 from hwtools.errors import UserError, cli_main
 from hwtools.llm.evaluate import load_test_prompts
 from hwtools.llm.generate import generate_token_ids
@@ -132,7 +133,8 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device, args.threads)
     log = partial(print, flush=True)
     machine = bench.machine_info(device)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported(device)
+    enable_tf32(device)
     splits, _ = load_data(args)
     make_model, tokenizer, model_desc = load_bench_model(args, splits)
     model = make_model().to(device, dtype=torch.bfloat16 if bf16 else torch.float32).eval()

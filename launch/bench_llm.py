@@ -43,12 +43,13 @@ from torch.utils.data import DataLoader
 
 from hwtools import bench
 from hwtools.config import LoopConfig, default_cache_dir, parse_config
+from hwtools.device import bf16_supported, enable_tf32
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError, cli_main
 from hwtools.llm import data as llm_data
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method, default_lr, needs_4bit
-from hwtools.llm.models import EMBEDDED, load_model_and_tokenizer
+from hwtools.llm.models import EMBEDDED, load_model_and_tokenizer, weights_dtype
 from hwtools.llm.templates import GEMMA_CHAT_TEMPLATE
 from hwtools.train.loop import build_optimizer, build_scheduler, make_accelerator, train
 from hwtools.train.meters import count_parameters
@@ -326,6 +327,7 @@ def run_bare(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
     reset_accelerate()
     cfg = loop_config(args, Path("."), bf16)
     model = trainable_model(make_model, args, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if bf16:  # what accelerate's prepare does for mixed precision: autocast the forward, fp32 outputs
         model.forward = convert_outputs_to_fp32(torch.autocast(device.type, dtype=torch.bfloat16)(model.forward))
     optimizer = build_optimizer(model, cfg)
@@ -345,7 +347,8 @@ def run_bare(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
             tokens += non_padding_tokens(batch)
             micro += 1
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss, _ = causal_lm_loss(model, batch)
+            with autocast:  # as the loop runs the loss (its LM head is outside the model's forward)
+                loss, _ = causal_lm_loss(model, batch)
             (loss / cfg.grad_accum).backward()
             batch = next(batches, None)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -544,19 +547,22 @@ def data_stats(examples: list[dict], blocks: list[dict], max_length: int) -> dic
 
 def real_size_check(args: BenchLLMArgs, device: torch.device, config=None, log=print) -> dict:
     """Each of args.real_size_methods on Gemma-2-2B's architecture (or `config`) with random weights: the recipe's
-    load path (fp32 weights; NF4 for QLoRA), the shared loop with bf16 autocast on a GPU, batch 1 x
+    load path (the weights dtype --dtype auto picks: bf16 on a bf16 GPU, fp32 for full tuning; NF4 with that compute
+    dtype for QLoRA), the shared loop with bf16 autocast on a GPU, batch 1 x
     args.real_size_length, args.real_size_steps steps. -> per method: peak memory, step time, trainable params."""
     from transformers import AutoModelForCausalLM
 
     from hwtools.llm.known_configs import known_config
 
     config = config if config is not None else known_config("gemma-2-2b")
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported(device)
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(3, config.vocab_size, (args.real_size_length,), generator=generator).tolist()
     example = {"input_ids": ids, "labels": ids}  # every position trained: the loss's worst case
     out = {"architecture": config.model_type, "params": None, "length": args.real_size_length,
-           "steps": args.real_size_steps, "precision": "fp32 weights + bf16 autocast" if bf16 else "fp32",
+           "steps": args.real_size_steps,
+           "precision": ("the recipe's --dtype auto weights (bf16; trained weights of partial/full in fp32) + bf16 "
+                         "autocast") if bf16 else "fp32",
            "methods": {}}
     with tempfile.TemporaryDirectory(prefix="bench-real-size-") as tmp:
         model_dir = Path(tmp) / "model"
@@ -574,17 +580,28 @@ def real_size_check(args: BenchLLMArgs, device: torch.device, config=None, log=p
         for method in args.real_size_methods:
             out["methods"][method] = real_size_method(args, method, model_dir, [example], device, bf16, Path(tmp))
             m = out["methods"][method]
-            log(f"real size {method}: peak {m['peak_memory_mb']:.0f} MiB ({m['memory_kind']}), "
-                f"{m['step_s']:.2f} s/step, {m['trainable']:,} trainable")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            log(f"real size {method}: peak {m['peak_memory_mb']:.0f} MiB ({m['memory_kind']}, reserved "
+                f"{m['peak_reserved_mb']} MiB), {m['weights_dtype']} weights, {m['step_s']:.2f} s/step, "
+                f"{m['trainable']:,} trainable")
     return out
+
+
+def free_device_memory(device) -> None:
+    """Collect garbage and hand cached CUDA blocks back, then restart the peak counters: the next measurement
+    starts from what is really still allocated."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples, device, bf16, tmp: Path) -> dict:
     reset_accelerate()
+    free_device_memory(device)
+    dtype = weights_dtype("auto", device, method)  # what train_llm.py loads by default
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), args.cache_dir, quantize_4bit=needs_4bit(method))
+    model, tokenizer = load_model_and_tokenizer(str(model_dir), args.cache_dir, quantize_4bit=needs_4bit(method),
+                                                dtype=dtype, device=device)
     load_s = time.perf_counter() - start
     run_dir = tmp / method
     run_dir.mkdir()
@@ -597,12 +614,14 @@ def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples,
     result = train(accelerator, model, loader, causal_lm_loss, cfg, run_dir, Tracker(accelerator, run_dir, cfg, {}),
                    count_fn=non_padding_tokens, throughput_unit="tokens/s")
     res = result.resources
-    del model, result
-    gc.collect()
+    accelerator.free_memory()  # its references to the prepared model and optimizer would keep them alive
+    del model, result, accelerator, loader
+    free_device_memory(device)
     # the loop's final checkpoint (accelerate save_state): its size is worth knowing, its disk space is not kept
     checkpoint_mb = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file()) / 2**20
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"peak_memory_mb": res["peak_memory_mb"], "memory_kind": res["memory_kind"],
+            "peak_reserved_mb": res.get("peak_memory_reserved_mb"), "weights_dtype": str(dtype).replace("torch.", ""),
             "step_s": res["train_time_s"] / args.real_size_steps, "load_s": load_s, "checkpoint_mb": checkpoint_mb,
             "trainable": params["trainable"], "total": params["total"], "trainable_pct": params["trainable_pct"]}
 
@@ -681,15 +700,18 @@ def markdown_body(results: dict, args: BenchLLMArgs) -> str:
 
 def real_size_markdown(results: dict) -> str:
     r = results["real_size"]
-    rows = [[m, v["peak_memory_mb"], v["memory_kind"], v["step_s"], f"{v['trainable']:,}",
-             f"{v['trainable_pct']:.3f}%", v["load_s"], v["checkpoint_mb"]] for m, v in r["methods"].items()]
+    rows = [[m, v.get("weights_dtype"), v["peak_memory_mb"], v.get("peak_reserved_mb"), v["memory_kind"], v["step_s"],
+             f"{v['trainable']:,}", f"{v['trainable_pct']:.3f}%", v["load_s"], v["checkpoint_mb"]]
+            for m, v in r["methods"].items()]
     return "\n".join([
         f"## Real size: {r['architecture']}, {r['params']:,} parameters, random weights", "",
         f"Batch 1 x {r['length']} tokens (every position a label), {r['steps']} steps per method through the shared "
         f"loop, the recipe's load path ({r['precision']}; QLoRA: NF4 weights). Peak memory is what the run's "
-        f"summary.json reports (`resources.peak_memory_mb`), weights included.", "",
-        bench.markdown_table(["method", "peak memory MiB", "kind", "s/step", "trainable", "trainable %", "load s",
-                              "checkpoint MiB"], rows), "",
+        f"summary.json reports (`resources.peak_memory_mb`: tensors allocated, weights included; reserved: what "
+        f"torch's caching allocator held). Each method's model is freed and the peak counters reset before the "
+        f"next one loads.", "",
+        bench.markdown_table(["method", "weights", "peak memory MiB", "reserved MiB", "kind", "s/step", "trainable",
+                              "trainable %", "load s", "checkpoint MiB"], rows), "",
         "Checkpoint MiB: the size of the loop's checkpoint (accelerate save_state) after those steps.", ""])
 
 
@@ -750,7 +772,8 @@ def main(argv=None) -> dict:
     machine = bench.machine_info(device)
     if args.real_size:
         return main_real_size(args, device, machine, started, log)
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported(device)
+    enable_tf32(device)
 
     splits, report = load_data(args)
     make_model, tokenizer, model_desc = load_bench_model(args, splits)

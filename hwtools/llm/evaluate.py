@@ -36,22 +36,45 @@ def prompt_and_reference(turns: list[dict]) -> tuple[list[dict], str]:
     return turns[:last], turns[last]["content"]
 
 
-def answer_prompts(model, tokenizer, prompts: list[dict], gen_kwargs: dict) -> list[str]:
-    """Generate answers to the test prompts with fixed decoding settings."""
+def generate_shared(model, tokenizer, conversations: list[list[dict]], gen_kwargs: dict, accelerator=None) -> list[str]:
+    """generate_answers over `conversations`, each process answering its own share when there are several (the
+    answers are gathered, in order, on every process). A model sharded by FSDP / DeepSpeed needs every rank in
+    every forward pass: there (gen_kwargs["together"]) all ranks answer everything together."""
     from hwtools.llm.generate import generate_answers
 
-    return generate_answers(model, tokenizer, [p["turns"] for p in prompts], **gen_kwargs)
+    gen_kwargs = dict(gen_kwargs)
+    together = gen_kwargs.pop("together", False)
+    if accelerator is None or accelerator.num_processes == 1 or together:
+        return generate_answers(model, tokenizer, conversations, **gen_kwargs)
+    from accelerate.utils import gather_object
+
+    with accelerator.split_between_processes(list(conversations)) as mine:
+        answers = generate_answers(model, tokenizer, mine, **gen_kwargs) if mine else []
+    return gather_object(answers)
 
 
-def chrf_on_conversations(model, tokenizer, convs: list[list[dict]], n: int, gen_kwargs: dict) -> dict:
+def shards_weights(accelerator) -> bool:
+    """Whether a prepared model's weights are split across ranks (FSDP, DeepSpeed) rather than whole on each."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def answer_prompts(model, tokenizer, prompts: list[dict], gen_kwargs: dict, accelerator=None) -> list[str]:
+    """Generate answers to the test prompts with fixed decoding settings (split across processes, see
+    generate_shared)."""
+    return generate_shared(model, tokenizer, [p["turns"] for p in prompts], gen_kwargs, accelerator)
+
+
+def chrf_on_conversations(model, tokenizer, convs: list[list[dict]], n: int, gen_kwargs: dict,
+                          accelerator=None) -> dict:
     """chrF of generated answers to the first `n` conversations' last user turn against their reference reply."""
-    from hwtools.llm.generate import generate_answers
     from hwtools.metrics import chrf
 
     pairs = [prompt_and_reference(t) for t in convs[: max(n, 0)]]
     if not pairs:
         return {"chrf": None, "n": 0, "samples": []}
-    hyps = generate_answers(model, tokenizer, [p for p, _ in pairs], **gen_kwargs)
+    hyps = generate_shared(model, tokenizer, [p for p, _ in pairs], gen_kwargs, accelerator)
     refs = [r for _, r in pairs]
     samples = [{"prompt": p[-1]["content"], "reference": r, "answer": h} for (p, r), h in zip(pairs, hyps)]
     return {"chrf": chrf(hyps, refs), "n": len(pairs), "samples": samples}

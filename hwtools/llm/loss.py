@@ -35,6 +35,12 @@ def _peft_type(inner) -> Optional[str]:
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: Optional[float]):
+    weight = getattr(head, "weight", None)
+    if (weight is not None and weight.is_floating_point() and hidden.dtype != weight.dtype
+            and not torch.is_autocast_enabled(hidden.device.type)):
+        # the head runs outside the model's forward: accelerate's mixed precision hands back fp32 hidden states
+        # (an autocast loss, as the loop runs it, casts them itself); bf16 weights and fp32 states do not multiply
+        hidden = hidden.to(weight.dtype)
     logits = head(hidden).float()
     if softcap:  # Gemma-2/3 final logit soft-capping, as the model's own forward applies it
         logits = torch.tanh(logits / softcap) * softcap

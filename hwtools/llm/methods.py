@@ -289,6 +289,54 @@ def build_full(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _cast_floats(obj, dtype):
+    if torch.is_tensor(obj):
+        return obj.to(dtype) if obj.is_floating_point() and obj.dtype != dtype else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def keep_trained_weights_fp32(model: nn.Module) -> int:
+    """Cast trainable fp16/bf16 weights of partial / full tuning to fp32 (frozen ones keep the loaded dtype) and
+    -> how many were cast. AdamW on 16-bit weights loses every update below their resolution (bf16: 0.4% of the
+    weight), its epsilon rounds to zero in fp16, and the fp16 grad scaler refuses 16-bit gradients. Where frozen
+    16-bit modules remain, each fully trained top-level block computes in fp32 and hands 16-bit outputs on."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in _LOW_PRECISION:
+            p.data = p.data.float()
+            cast += 1
+    frozen_low = {p.dtype for p in model.parameters() if not p.requires_grad and p.dtype in _LOW_PRECISION}
+    if not cast or not frozen_low:
+        return cast
+    low = frozen_low.pop()
+    for module in _fully_trained_blocks(model):
+        module.register_forward_pre_hook(lambda _m, args, kwargs: (_cast_floats(args, torch.float32),
+                                                                    _cast_floats(kwargs, torch.float32)),
+                                         with_kwargs=True)
+        module.register_forward_hook(lambda _m, _args, out: _cast_floats(out, low))
+    return cast
+
+
+def _fully_trained_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost modules whose parameters are all trainable (partial tuning: the unfrozen decoder layers)."""
+    blocks, covered = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in covered) or not name:
+            continue
+        params = list(module.parameters())
+        if params and all(p.requires_grad for p in params):
+            blocks.append(module)
+            covered.add(name)
+    return blocks
+
+
 def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optional[Callable[[str], None]] = print):
     """Make `model` trainable the way cfg.method says; logs the trainable parameter groups and counts via `log`."""
     check_method_config(cfg)
@@ -308,6 +356,8 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
         model = build_partial(model, cfg)
     else:
         model = build_full(model)
+    if m in ("partial", "full"):
+        keep_trained_weights_fp32(model)
     if log is not None:
         counts = count_parameters(model)
         groups = ", ".join(f"{g} ({n:,})" for g, n in trainable_groups(model))
@@ -352,10 +402,13 @@ def _method_fields(cfg) -> dict:
 
 
 def save_finetuned(
-    model: nn.Module, tokenizer, out_dir, cfg: MethodConfig, *, base_model: Optional[str] = None
+    model: nn.Module, tokenizer, out_dir, cfg: MethodConfig, *, base_model: Optional[str] = None,
+    state_dict: Optional[dict] = None,
 ) -> Path:
     """Write into out_dir (the run's final/): the PEFT adapter, the trained layers (partial) or the model (full), plus
-    the tokenizer and finetune.json naming the method and base model (default: cfg.model, else the model's path)."""
+    the tokenizer and finetune.json naming the method and base model (default: cfg.model, else the model's path).
+    state_dict: the model's full state dict when its own tensors are shards (FSDP / ZeRO-3: gathered by
+    accelerator.get_state_dict on every rank, saved here by the main one)."""
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
@@ -366,27 +419,40 @@ def save_finetuned(
         base_model = str(Path(base_model).expanduser().resolve())
     meta = {"method": cfg.method, "base_model": base_model, "quantize_4bit": needs_4bit(cfg.method),
             "method_config": _method_fields(cfg)}
+    if state_dict is not None:
+        state_dict = _without_tied_copies(model, state_dict)
+    saved = {} if state_dict is None else {"state_dict": state_dict}
     if cfg.method in PEFT_METHODS:
-        model.save_pretrained(final)
+        model.save_pretrained(final, **saved)
         meta["format"] = "peft-adapter"
     elif cfg.method == "partial":
         from safetensors.torch import save_file
 
         layers_path, layers = find_decoder_layers(model)
         chosen = partial_layer_indices(len(layers), cfg.unfreeze_first, cfg.unfreeze_last)
-        state = {
-            f"{layers_path}.{i}.{k}": v.detach().cpu().contiguous()
-            for i in chosen
-            for k, v in layers[i].state_dict().items()
-        }
+        if state_dict is None:
+            state_dict = {f"{layers_path}.{i}.{k}": v for i in chosen for k, v in layers[i].state_dict().items()}
+        prefixes = tuple(f"{layers_path}.{i}." for i in chosen)
+        state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(prefixes)}
         save_file(state, str(final / PARTIAL_WEIGHTS))
         meta.update(format="partial-layers", layers_path=layers_path, layers=chosen, num_layers=len(layers))
     else:
-        model.save_pretrained(final)
+        model.save_pretrained(final, **saved)
         meta["format"] = "full-model"
     tokenizer.save_pretrained(final)
     (final / FINETUNE_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return final
+
+
+def _without_tied_copies(model: nn.Module, state_dict: dict) -> dict:
+    """state_dict less the second name of each shared parameter (a tied LM head): a gathered state dict holds a copy
+    under both names, where the model's own save writes the tensor once."""
+    seen, copies = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            copies.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state_dict.items() if k not in copies}
 
 
 def load_finetuned(run_or_final_dir, cache_dir, *, dtype: Optional[torch.dtype] = None):

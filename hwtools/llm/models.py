@@ -29,22 +29,22 @@ def load_model_and_tokenizer(
     quantize_4bit: bool = False,
     dtype: Optional[torch.dtype] = None,
     attn_implementation: Optional[str] = None,
+    device=None,
 ):
     """Load `model` ("embedded", a hub id or a local dir) and its tokenizer: fp32 unless `dtype`, NF4 weights if
-    quantize_4bit, eager attention for Gemma-2, a pad token always, the Gemma chat template where Gemma lacks one."""
+    quantize_4bit (placed on `device`, default this process's accelerate device), attention per
+    default_attn_implementation, a pad token always, the Gemma chat template where Gemma lacks one."""
     path = embedded_model_dir(cache_dir) if model == EMBEDDED else _resolve_model_path(model)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path)
-    if attn_implementation is None and config.model_type == "gemma2":
-        attn_implementation = "eager"  # sdpa skips Gemma-2's attention logit soft-capping; eager applies it
+    attn_implementation = attn_implementation or default_attn_implementation(config.model_type)
+    check_attn_implementation(attn_implementation)
     dtype = dtype or torch.float32
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantize_4bit:
         kwargs["quantization_config"] = _nf4_config(dtype)
-        kwargs["device_map"] = _quantized_device_map()
+        kwargs["device_map"] = quantized_device_map(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantize_4bit:
@@ -106,11 +106,49 @@ def _nf4_config(compute_dtype: torch.dtype):
     )
 
 
-def _quantized_device_map():
-    # a quantised model cannot be moved after loading, so it is placed on this process's device right away
-    if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", 0))}
-    return "cpu"
+def quantized_device_map(device=None):
+    """device_map of a 4-bit model: it cannot be moved after loading, so it is placed on the device this process
+    trains on right away (accelerate's, which honours --cpu / ACCELERATE_USE_CPU), not on CUDA whenever it exists."""
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "cpu"
+    return {"": device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))}
+
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def default_attn_implementation(model_type: str) -> str:
+    """eager for Gemma-2 (sdpa skips its attention logit soft-capping; eager and flash-attention apply it), sdpa
+    otherwise."""
+    return "eager" if model_type == "gemma2" else "sdpa"
+
+
+def check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"--attn-implementation {name}: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
+def is_flash_attention(name: Optional[str]) -> bool:
+    """Whether `name` is a flash-attention kernel (packed rows must then be one flattened row per batch)."""
+    return bool(name) and name.startswith("flash_attention")
+
+
+def weights_dtype(name: str, device, method: Optional[str] = None) -> torch.dtype:
+    """--dtype to the dtype the weights are loaded in. auto: fp32 on CPU, for full fine-tuning (every weight is
+    trained, and trained weights stay fp32) and on GPUs without native bf16; bf16 on GPUs that have it."""
+    from hwtools.device import bf16_supported
+
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if bf16_supported(device) and method != "full" else torch.float32
+    if name not in table:
+        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
+    return table[name]
 
 
 def _ensure_pad_token(tokenizer, model) -> None:
@@ -229,6 +267,7 @@ def describe_model(model: nn.Module) -> dict:
         "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
         "head_dim": getattr(cfg, "head_dim", None),
         "vocab_size": cfg.vocab_size,
+        "attn_implementation": getattr(base.config, "_attn_implementation", None),
         "layers_path": layers_path,
         "layer_class": type(layers[0]).__name__,
         "attention": _sub_block(layers[0], ("attn", "attention")),

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
+from hwtools.device import enable_tf32
 from hwtools.errors import RunStopped, UserError
 from hwtools.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hwtools.train.meters import ResourceMeter
@@ -37,6 +38,7 @@ class TrainResult:
     resources: dict
     stopped_reason: Optional[str] = None
     history: list = field(default_factory=list)
+    prepared_model: Optional[torch.nn.Module] = None  # as accelerate wrapped it (DDP/FSDP): for get_state_dict
 
 
 def make_accelerator(cfg, find_unused_parameters: bool = False) -> Accelerator:
@@ -53,18 +55,28 @@ def make_accelerator(cfg, find_unused_parameters: bool = False) -> Accelerator:
         **kwargs,
     )
     set_seed(cfg.seed)
+    enable_tf32(accelerator.device)
     return accelerator
 
 
-def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+def build_optimizer(model: torch.nn.Module, cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors); `fused`: one
+    kernel for all parameters (CUDA; see use_fused_adamw)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters (check the method / freezing options)")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused or None)
+
+
+def use_fused_adamw(accelerator: Accelerator) -> bool:
+    """Fused AdamW on CUDA without parameter sharding (FSDP and DeepSpeed swap in their own parameters)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.device.type == "cuda" and accelerator.distributed_type in (DistributedType.NO,
+                                                                                  DistributedType.MULTI_GPU)
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
@@ -121,7 +133,8 @@ def evaluate(accelerator: Accelerator, model, loader, loss_fn: LossFn) -> Option
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     try:
         for batch in loader:
-            loss, weight = _split_loss(loss_fn(net, batch))
+            with accelerator.autocast():  # the loss may run part of the model (llm: the LM head) itself
+                loss, weight = _split_loss(loss_fn(net, batch))
             if torch.isfinite(loss):
                 total += torch.tensor([loss.item() * weight, weight], dtype=torch.float64, device=accelerator.device)
     finally:
@@ -187,7 +200,7 @@ def train(
     count_fn = count_fn or _default_count
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    optimizer = optimizer or build_optimizer(model, cfg)
+    optimizer = optimizer or build_optimizer(model, cfg, fused=use_fused_adamw(accelerator))
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
     # listed once: model.parameters() walks every submodule (~2 ms a step for Gemma-2-2B with LoRA), and frozen
     # weights have no gradient to clip anyway
@@ -237,7 +250,8 @@ def train(
                     break
                 batches += 1
                 with accelerator.accumulate(model):
-                    loss, _ = _split_loss(loss_fn(model, batch))
+                    with accelerator.autocast():  # the loss may run part of the model (llm: the LM head) itself
+                        loss, _ = _split_loss(loss_fn(model, batch))
                     bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
                     if accelerator.reduce(bad, reduction="sum").item() > 0:
                         stopped = f"non-finite loss at step {step + 1}"
@@ -321,8 +335,10 @@ def train(
         steps=step,
         final_loss=last_logged,
         eval_loss=eval_loss,
-        resources=meter.as_dict(throughput_unit, accelerator.num_processes, total_items),
+        resources=meter.as_dict(throughput_unit, accelerator.num_processes, total_items,
+                                rank_peaks=meter.peaks_of_all_ranks(accelerator)),
         stopped_reason=stopped,
+        prepared_model=model,
     )
 
 

@@ -68,16 +68,43 @@ class ResourceMeter:
         self.items += int(n)
 
     def peak_memory_mb(self) -> float:
+        """This process's peak: tensors allocated on the GPU (CUDA), else the resident set size."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return peak_rss_mb()
 
-    def as_dict(self, throughput_unit: str, num_processes: int = 1, total_items: int | None = None) -> dict:
-        """summary.json's `resources` block; `total_items` is the count over all ranks (default: this rank's)."""
+    def peak_reserved_mb(self) -> float | None:
+        """This process's peak of memory held by torch's CUDA caching allocator (what nvidia-smi shows, about);
+        None off CUDA."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_reserved(self.device) / 2**20
+        return None
+
+    def peaks_of_all_ranks(self, accelerator) -> list[tuple[float, float | None]]:
+        """[(peak, reserved peak)] of every rank in rank order (a collective: every rank must call it)."""
+        mine = (self.peak_memory_mb(), self.peak_reserved_mb())
+        if accelerator.num_processes == 1:
+            return [mine]
+        local = torch.tensor([mine[0], -1.0 if mine[1] is None else mine[1]], dtype=torch.float64,
+                             device=accelerator.device)
+        rows = accelerator.gather(local[None]).view(-1, 2).tolist()
+        return [(a, None if b < 0 else b) for a, b in rows]
+
+    def as_dict(self, throughput_unit: str, num_processes: int = 1, total_items: int | None = None,
+                rank_peaks: list | None = None) -> dict:
+        """summary.json's `resources` block; `total_items` is the count over all ranks (default: this rank's),
+        `rank_peaks` every rank's (peak, reserved peak) (default: this rank's only). peak_memory_mb is the largest
+        rank's peak."""
         items = self.items if total_items is None else total_items
+        rank_peaks = rank_peaks or [(self.peak_memory_mb(), self.peak_reserved_mb())]
+        reserved = [r for _, r in rank_peaks if r is not None]
         return {
             "train_time_s": round(self.elapsed, 3),
-            "peak_memory_mb": round(self.peak_memory_mb(), 1),
+            "peak_memory_mb": round(max(p for p, _ in rank_peaks), 1),
+            "peak_memory_reserved_mb": round(max(reserved), 1) if reserved else None,
+            "peak_memory_per_rank_mb": [round(p, 1) for p, _ in rank_peaks],
+            "peak_memory_scope": (f"max over {len(rank_peaks)} processes" if len(rank_peaks) > 1
+                                  else "the only process"),
             "memory_kind": self.memory_kind,
             "throughput": round(items / self.elapsed, 3) if self.elapsed > 0 else 0.0,
             "throughput_unit": throughput_unit,
