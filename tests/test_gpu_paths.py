@@ -274,6 +274,39 @@ def test_final_weights_save_from_a_gathered_state_dict(method, tiny_dir, tmp_pat
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix-tuning"])
+def test_sharded_models_take_the_same_loss_from_their_own_logits(method, monkeypatch, tiny_dir, tmp_path):
+    """Under FSDP / DeepSpeed the LM head runs inside the model's forward (the weights are whole only there): that
+    loss, its token count and its gradients equal the chunked hidden-state path's."""
+    import hwtools.llm.loss as loss_mod
+
+    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path)
+    model = apply_method(model, MethodConfig(method=method, lora_r=4, num_virtual_tokens=4), tok, log=None)
+    model.eval()  # no dropout: both passes see the same network (gradients still flow)
+    batch = tiny_chat_batch(tok)
+    results = []
+    for sharded in (False, True):
+        monkeypatch.setattr(loss_mod, "_params_sharded", lambda m, s=sharded: s)
+        model.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), n, grads))
+    (a, n_a, g_a), (b, n_b, g_b) = results
+    assert n_a == n_b > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(g_a, g_b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_only_fsdp_and_deepspeed_models_count_as_sharded():
+    from hwtools.llm.loss import _params_sharded
+
+    assert not _params_sharded(torch.nn.Linear(2, 2))
+    assert not _params_sharded(torch.nn.parallel.DataParallel(torch.nn.Linear(2, 2)))
+    assert _params_sharded(type("DeepSpeedEngine", (torch.nn.Module,), {})())
+
+
 def test_recipe_gathers_the_state_dict_only_for_sharded_models():
     sys.path.insert(0, str(ROOT / "launch"))
     try:

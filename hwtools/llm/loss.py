@@ -47,6 +47,30 @@ def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _params_sharded(model) -> bool:
+    """Whether the weights exist whole only inside the model's forward (FSDP, DeepSpeed): the LM head must not be
+    applied outside it. On one H200, FSDP2 broke at the step after a checkpoint when the loss did so."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel)) or type(model).__name__ == "DeepSpeedEngine"
+
+
+def _loss_from_model_logits(model, kwargs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The same loss from the model's own (soft-capped) logits for every position: more memory, no weight access
+    outside forward."""
+    logits = model(**kwargs, use_cache=False).logits
+    seq_len = labels.shape[1]
+    offset = logits.shape[1] - seq_len  # prompt tuning / P-tuning: virtual tokens come first
+    next_labels = labels[:, 1:]
+    n_tokens = int((next_labels != IGNORE_INDEX).sum())
+    if n_tokens == 0:
+        return logits.sum() * 0.0, 0
+    shifted = logits[:, offset : offset + seq_len - 1].float()
+    total = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), next_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / n_tokens, n_tokens
+
+
 def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """(mean next-token cross-entropy over label positions, number of label tokens) for a batch with input_ids,
     labels (-100 = ignored), attention_mask (2D, or 4D for packed rows) and optional position_ids.
@@ -67,6 +91,8 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None and peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         kwargs["position_ids"] = position_ids  # PEFT ignores them for prepended virtual tokens (with a warning)
+    if _params_sharded(model):
+        return _loss_from_model_logits(model, kwargs, labels)
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     out = model(**kwargs, use_cache=False, output_hidden_states=-1, logits_to_keep=no_position)
     hidden = out.hidden_states[-1]  # the final, normed hidden states (transformers ties the last one to them)
