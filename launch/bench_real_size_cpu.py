@@ -112,6 +112,11 @@ def _reload_and_answer(run_dir: str, cache_dir: str, dtype: str, prompts_file: s
     start = time.perf_counter()
     model, tokenizer = load_finetuned(run_dir, cache_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     loaded = time.perf_counter()
+    import psutil
+
+    # resident now, and how much of it is file-backed (the bf16 shards mapped while they were read and upcast)
+    mem = psutil.Process().memory_info()
+    after_load = {"rss_mb": round(mem.rss / 2**20, 1), "file_backed_mb": round(mem.shared / 2**20, 1)}
     method = json.loads((Path(run_dir) / "final" / "finetune.json").read_text(encoding="utf-8"))["method"]
     turns = load_test_prompts(prompts_file)[0]["turns"]
     ids = generate_token_ids(model, tokenizer, [turns], max_new_tokens, 1, method=method)[0]
@@ -119,6 +124,7 @@ def _reload_and_answer(run_dir: str, cache_dir: str, dtype: str, prompts_file: s
     answer = tokenizer.decode(ids, skip_special_tokens=False)
     return {"answer": answer, "answer_ids": ids, "load_s": round(loaded - start, 1),
             "generate_s": round(time.perf_counter() - loaded, 1), "peak_rss_mb": _peak_rss_mb(),
+            "after_load": after_load,
             "model_class": type(model).__name__}
 
 
@@ -288,9 +294,10 @@ def bench_model(args: RealSizeArgs, model: str, root: Path, data: Path, prompts:
         # the planner's tensors plus ~2 GB of Python, torch and tokenizer, and never less than --min-free-gb
         need = max(args.min_free_gb, plan.get("memory", {}).get("total", 0) / 2**30 + 2)
         ok, free = wait_for_memory(need, args.wait_s if need < total_gb() - 1 else 0, log)
-        row = {"available_gb_at_start": free, "load_average_1m": bench.load_average(), "plan": plan if "error" in plan else {
-            "total": plan["total"], "trainable": plan["trainable"],
-            "memory_mb": {k: _mb(v) for k, v in plan["memory"].items()}}}
+        row = {"available_gb_at_start": free, "load_average_1m": bench.load_average(),
+               "plan": plan if "error" in plan else {
+                   "total": plan["total"], "trainable": plan["trainable"],
+                   "memory_mb": {k: _mb(v) for k, v in plan["memory"].items()}}}
         out["methods"][method] = row
         if not ok:
             row["skipped"] = f"needs about {need:.0f} GB, {free} GB available (machine: {total_gb():.0f} GB)"
@@ -373,14 +380,23 @@ def markdown(results: dict, args: RealSizeArgs) -> str:
                 m["train"]["process_peak_rss_mb"], m["peak_rss_train_mb"], plan["memory_mb"]["total"],
                 plan["memory_mb"]["weights"], m["step_s"], m["train"]["cpu_s"], m["load_average_1m"],
                 m["checkpoint_mb"], m["final_mb"],
-                f"{reload['load_s']} s, {reload['peak_rss_mb']:.0f} MiB" if "load_s" in reload
-                else reload.get("error") or reload.get("skipped"),
+                _reload_cell(reload),
                 "" if answer is None else repr(answer)])
         lines += [bench.markdown_table(["method", "total params", "trainable", "= plan", "peak RSS MiB",
                                         "peak RSS to end of training", "planned MiB", "planned weights MiB",
                                         "s/step", "process CPU s", "load avg", "checkpoint MiB", "final/ MiB",
                                         "reload", "answer"], rows), ""]
     return "\n".join(lines)
+
+
+def _reload_cell(reload: dict) -> str:
+    if "load_s" not in reload:
+        return reload.get("error") or reload.get("skipped") or ""
+    cell = f"loaded in {reload['load_s']} s; peak {reload['peak_rss_mb']:.0f} MiB"
+    after = reload.get("after_load")
+    if after:
+        cell += f", {after['rss_mb']:.0f} after loading ({after['file_backed_mb']:.0f} of it file-backed)"
+    return cell
 
 
 @cli_main
