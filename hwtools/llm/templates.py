@@ -1,7 +1,16 @@
 """Chat templates: the Gemma turn format for tokenizers that ship none, and rendering with the tokenizer's own."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from hwtools.errors import UserError
+
+_ASSETS = Path(__file__).parent / "assets"
+# The instruct models' own templates, verbatim from the hub's tokenizer_config.json (chat_template): Gemma-2-it
+# raises on a system turn (render_chat merges it into the first user turn); Llama-3.2-Instruct opens every
+# conversation with a system header holding "Cutting Knowledge Date" and "Today Date" lines.
+GEMMA2_IT_CHAT_TEMPLATE = (_ASSETS / "chat_template_gemma-2-it.jinja").read_text(encoding="utf-8")
+LLAMA32_INSTRUCT_CHAT_TEMPLATE = (_ASSETS / "chat_template_llama-3.2-instruct.jinja").read_text(encoding="utf-8")
 
 # The Gemma-3 instruction format, for the embedded Gemma-3-270M GGUF whose tokenizer carries no template.
 # Gemma has no system role: like Gemma-3's own template, a system message becomes the first user turn's opening
