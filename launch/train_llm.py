@@ -26,7 +26,9 @@ from hwtools.llm.methods import (
     MethodConfig,
     apply_method,
     check_method_config,
+    choose_trainable_tokens,
     default_lr,
+    explicit_trainable_tokens,
     is_soft_prompt,
     needs_4bit,
     save_finetuned,
@@ -37,6 +39,7 @@ from hwtools.metrics import perplexity
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
 from hwtools.train.meters import count_parameters
+from hwtools.train.phases import PhaseTimer, counting, progress
 from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
 
 logger = logging.getLogger("train_llm")
@@ -118,6 +121,9 @@ def main(argv=None):
     if cfg.packing and not packing:
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
+    phases = PhaseTimer()
+    phases.begin("load")
+    shown = accelerator.is_local_main_process  # progress bars on one process only
     with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.cache_dir, quantize_4bit=needs_4bit(cfg.method),
                                                     dtype=weights_dtype(cfg.dtype, accelerator.device))
@@ -130,19 +136,26 @@ def main(argv=None):
 
     gen = {"max_new_tokens": cfg.gen_max_new_tokens, "batch_size": cfg.gen_batch_size}
     prompts = load_test_prompts(cfg.prompts_file)
-    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None})
-    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": None})
+    phases.begin("base_eval")
+    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None,
+                                                        "progress": "base answers" if shown else None})
+    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples,
+                                      {**gen, "method": None, "progress": "base chrF answers" if shown else None})
     test_loader = accelerator.prepare(loaders["test"])
-    base_test_loss = evaluate(accelerator, model.to(accelerator.device), test_loader, causal_lm_loss)
+    base_test_loss = _test_loss(accelerator, model.to(accelerator.device), test_loader, "base test loss")
+    accelerator.print(f"base model: test loss {_fmt(base_test_loss)}, chrF {_fmt(base_chrf['chrf'])}")
 
-    model = apply_method(model, cfg, tokenizer, log=accelerator.print)
+    phases.begin("train")
+    tokens = choose_trainable_tokens(cfg, model, tokenizer)
+    model = apply_method(model, cfg, tokenizer, log=accelerator.print, tokens=tokens)
     structure = describe_model(model)
     params = count_parameters(model)
     accelerator.print(f"model: {structure}")
     accelerator.print(f"parameters: {params['trainable']:,} trainable of {params['total']:,} "
                       f"({params['trainable_pct']:.4f}%)")
 
-    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure}
+    config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure,
+                   "trainable_tokens_used": tokens.tokens, "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_dict)
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)
@@ -152,12 +165,16 @@ def main(argv=None):
 
     test = {"base_loss": base_test_loss, "base_perplexity": _ppl(base_test_loss), "base_chrf": base_chrf["chrf"]}
     after = None
+    phases.begin("final_eval")
     if result.stopped_reason is None:
-        test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
-        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": cfg.method})
-        after = answer_prompts(model, tokenizer, prompts, {**gen, "method": cfg.method})
+        test_loss = _test_loss(accelerator, model, test_loader, "test loss")
+        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples,
+                                      {**gen, "method": cfg.method, "progress": "chrF answers" if shown else None})
+        after = answer_prompts(model, tokenizer, prompts, {**gen, "method": cfg.method,
+                                                           "progress": "answers" if shown else None})
         test.update({"loss": test_loss, "perplexity": _ppl(test_loss), "chrf": tuned["chrf"],
                      "chrf_samples": tuned["n"]})
+    phases.begin("save")
     if accelerator.is_main_process:
         if result.stopped_reason is None:
             save_finetuned(model, tokenizer, run_dir / "final", cfg)
@@ -169,16 +186,39 @@ def main(argv=None):
         loss_curves({split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
                              [e["loss"] for e in events if e.get("split") == split and "loss" in e])
                      for split in ("train", "eval")}, run_dir / "loss.png", title=f"{cfg.method} on {cfg.model}")
+        tracker.log_images("plots", [run_dir / "loss.png"], step=result.steps)
         summary = write_summary(
             run_dir, task="llm", method=cfg.method, arch=None, model=cfg.model, data=cfg.data, params=params,
-            resources=result.resources, train={"steps": result.steps, "final_loss": result.final_loss,
+            resources={**result.resources, "phases": phases.as_dict()}, train={"steps": result.steps, "final_loss": result.final_loss,
                                                "stopped_reason": result.stopped_reason},
             eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
-            trainable_tokens=cfg.trainable_tokens.strip() or None,
+            trainable_tokens=_tokens_label(cfg, tokens), trainable_tokens_reason=tokens.reason,
         )
         tracker.log({"step": result.steps, "split": "test", **{k: v for k, v in test.items() if v is not None}})
+        tracker.summarize(summary)
         accelerator.print(f"done: {run_dir} (test {summary['test']})")
+        accelerator.print(phases.line())
     tracker.finish()
+
+
+def _test_loss(accelerator, model, loader, desc: str):
+    """Test loss with a progress bar counting batches (the loss function ticks it once per batch)."""
+    bar = progress(len(loader), desc, "batches", enabled=accelerator.is_local_main_process)
+    try:
+        return evaluate(accelerator, model, loader, counting(causal_lm_loss, bar))
+    finally:
+        bar.close()
+
+
+def _tokens_label(cfg, tokens) -> Optional[str]:
+    """summary.json's trainable_tokens: the explicit --trainable-tokens value, or what auto chose (None: no rows)."""
+    if explicit_trainable_tokens(cfg.trainable_tokens):
+        return cfg.trainable_tokens.strip()
+    return ",".join(tokens.tokens) or None
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _ppl(loss):
