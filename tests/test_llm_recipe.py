@@ -10,6 +10,7 @@ import torch
 
 from hwtools.llm.methods import METHODS
 from tests.tiny_models import build_tiny_tokenizer, one_torch_thread, save_tiny_model  # noqa: F401
+from tests.wandb_runs import wandb_inspect
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "2", "--batch-size", "2", "--max-length", "96", "--max-train-examples", "24",
@@ -80,16 +81,6 @@ def cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "launch/train_llm.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=600)
-
-
-def wandb_inspect(run_dir: Path) -> dict:
-    """`wandb leet inspect --summary --json` of the run's one offline W&B log: state, config and summary."""
-    logs = list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
-    assert len(logs) == 1, logs
-    proc = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--summary", "--json",
-                           str(logs[0])], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout)
 
 
 def test_default_run_reports_the_comparison_row_to_wandb(tiny_gemma2, tmp_path):
