@@ -44,6 +44,18 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+class _StepTicker:
+    """A logits processor that only shows the decoding step of the running batch on the progress bar."""
+
+    def __init__(self, bar, max_new_tokens: int):
+        self.bar, self.max_new_tokens, self.step = bar, max_new_tokens, 0
+
+    def __call__(self, input_ids, scores):
+        self.step += 1
+        self.bar.set_postfix_str(f"token {self.step}/{self.max_new_tokens}")
+        return scores
+
+
 @torch.no_grad()
 def generate_token_ids(
     model,
@@ -92,9 +104,13 @@ def generate_token_ids(
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     results: list[list[int]] = [[] for _ in prompts]
     bar = progress_bar(len(prompts), progress or "", "answers", enabled=progress is not None)
+    if progress is not None:  # a batch of answers takes minutes on a CPU: show its decoding step too
+        gen_kwargs["logits_processor"] = [_StepTicker(bar, max_new_tokens)]
     try:
         for rows in batches:
             enc = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
+            if progress is not None:
+                gen_kwargs["logits_processor"][0].step = 0
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
             for i, row in zip(rows, out[:, enc["input_ids"].shape[1]:].tolist()):
                 for t in row:  # everything after the first stop token is padding
