@@ -64,8 +64,7 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     max_train_examples: int = field(default=0, metadata={"help": "Use at most N training conversations (0: all)."})
     prompts_file: Optional[str] = field(default=None, metadata={"help": "Persian test prompts JSONL (default: shipped)."})
     gen_max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated per answer (greedy)."})
-    gen_batch_size: int = field(default=16, metadata={
-        "help": "Prompts generated per batch (16: the 15 shipped test prompts in one batch)."})
+    gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated per batch."})
     chrf_samples: int = field(default=8, metadata={"help": "Test conversations answered for chrF (0: skip)."})
 
     def __post_init__(self):
