@@ -47,7 +47,8 @@ class LoopConfig:
         default=None, metadata={"help": "no | fp16 | bf16; default: whatever `accelerate launch` configured."}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
-    report_to: str = field(default="none", metadata={"help": "wandb | none (metrics.jsonl is always written)."})
+    report_to: str = field(default="wandb", metadata={
+        "help": "wandb (offline into the run dir without an API key) | none (metrics.jsonl is always written)."})
     wandb_project: str = field(default="hwtools", metadata={"help": "W&B project name."})
     run_name: Optional[str] = field(default=None, metadata={"help": "Run name on W&B (default: output dir name)."})
     resume: Optional[str] = field(

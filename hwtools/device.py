@@ -1,5 +1,9 @@
-"""What the device can do fast: bf16 support (native, not emulated) and TF32 matmuls on CUDA."""
+"""What the device can do fast: native bf16 (CUDA compute capability >= 8.0; on CPUs AVX512-BF16 or AMX, without
+which torch emulates bf16 and it is slower than fp32: results/bench/cpu_dtype.md) and TF32 matmuls on CUDA."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,3 +32,30 @@ def enable_tf32(device) -> bool:
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
     return True
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags(cpuinfo: Optional[str] = None) -> set[str]:
+    """The feature flags of the first CPU in /proc/cpuinfo (or the given text); empty where there is none."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.split(":", 1)[0].strip() in ("flags", "Features"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_has_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """Whether this CPU has bf16 matmul instructions (AVX512-BF16 or AMX), where bf16 beats fp32."""
+    flags = cpu_flags(cpuinfo)
+    if flags:
+        return any(f in flags for f in BF16_CPU_FLAGS)
+    try:  # no /proc/cpuinfo (not Linux): torch's own dispatch level, AMX implies bf16
+        return "AMX" in torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        return False

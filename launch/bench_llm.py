@@ -241,8 +241,9 @@ def reset_accelerate() -> None:
 
 
 def method_config(args: BenchLLMArgs, method: str = "lora") -> MethodConfig:
+    # no token rows: the Trainer + PEFT variant trains the same LoRA adapters and nothing else
     return MethodConfig(method=method, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                        lora_dropout=args.lora_dropout, target_modules=args.target_modules)
+                        lora_dropout=args.lora_dropout, target_modules=args.target_modules, trainable_tokens="none")
 
 
 def warmup_steps(steps: int) -> int:

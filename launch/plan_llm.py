@@ -17,7 +17,7 @@ from typing import Optional
 
 from hwtools.config import default_cache_dir, parse_config
 from hwtools.errors import UserError, cli_main
-from hwtools.llm.methods import METHODS, MethodConfig
+from hwtools.llm.methods import METHODS, MethodConfig, explicit_trainable_tokens
 from hwtools.llm.plan import DTYPES, default_attention, plan_methods, plan_table, resolve_config
 
 
@@ -64,7 +64,8 @@ def main(argv=None):
         raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(DTYPES)}")
     if cfg.attention not in (None, "eager", "sdpa"):
         raise UserError(f"--attention {cfg.attention}: choose eager or sdpa")
-    if cfg.trainable_tokens.strip():  # resolving token names needs the tokenizer, which the planner never loads
+    # resolving token names needs the tokenizer, which the planner never loads (auto plans no token rows)
+    if explicit_trainable_tokens(cfg.trainable_tokens):
         raise UserError("--trainable-tokens is not planned: it adds (tokens x hidden size) parameters to LoRA, "
                         "e.g. 2 x 2,304 for Gemma-2-2B's turn markers, a negligible amount of memory")
     methods = chosen_methods(cfg.method)

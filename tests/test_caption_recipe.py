@@ -59,6 +59,8 @@ def runs(cache_dir, tmp_path_factory):
         cmd = (accelerate if arch == "transformer" else [sys.executable]) + [
             "launch/train_caption.py", "--arch", arch, "--cache-dir", str(cache_dir), "--output-dir", str(out[arch]),
             "--overwrite", *SMALL, "--beam-size", "2" if arch == "attention" else "1"]
+        if arch == "attention":  # this one reports to W&B (offline), as runs do by default
+            cmd[cmd.index("--report-to") + 1] = "wandb"
         with open(logs / f"{arch}.log", "w") as log:  # a file, not a pipe: a full pipe would stall the run
             procs[arch] = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     for arch, proc in procs.items():
@@ -75,6 +77,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_wandb_summary_holds_the_caption_comparison_columns(runs):
+    from tests.wandb_runs import wandb_inspect
+
+    s = json.loads((runs["attention"] / "summary.json").read_text())
+    run = wandb_inspect(runs["attention"])
+    assert run["name"] == "attention" and run["config"]["arch"] == "attention" and run["config"]["lr"] == 3e-3
+    columns = run["summary"]
+    assert columns["arch"] == "attention" and columns["params.trainable"] == s["params"]["trainable"]
+    for key in TEST_KEYS:
+        assert columns[f"test.{key}"] == pytest.approx(s["test"][key]), key
+    assert "resources.peak_memory_mb" in columns and "resources.phases.train" in columns
 
 
 def test_config_resolves_per_arch_defaults():
@@ -106,6 +121,7 @@ def test_summary_follows_the_run_contract(runs, arch):
     assert params["total"] - params["trainable"] > 3_000_000 and params["trainable"] > 1000
     assert params["trainable_pct"] == pytest.approx(100 * params["trainable"] / params["total"])
     assert s["resources"]["throughput_unit"] == "images/s" and s["resources"]["throughput"] > 0
+    assert list(s["resources"]["phases"]) == ["load", "train", "final_eval", "save"]
     assert s["train"]["steps"] == 5 * EPOCHS and math.isfinite(s["train"]["final_loss"])
     assert math.isfinite(s["eval"]["loss"]) and math.isfinite(s["test"]["loss"])
     test = s["test"]

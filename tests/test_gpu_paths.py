@@ -205,6 +205,7 @@ def test_bf16_detection_needs_compute_capability_8(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
     assert bf16_supported(cuda) and weights_dtype("auto", cuda, "lora") == torch.bfloat16
     assert weights_dtype("auto", cuda, "full") == torch.float32  # every weight trains: fp32 master weights
+    monkeypatch.setattr("hwtools.device.cpu_has_bf16", lambda: False)
     assert not bf16_supported(cpu) and weights_dtype("auto", cpu, "lora") == torch.float32
     assert weights_dtype("fp16", cpu) == torch.float16
     with pytest.raises(UserError, match="--dtype"):

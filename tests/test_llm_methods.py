@@ -302,3 +302,93 @@ def test_trainable_tokens_errors(tiny_dirs, tmp_path):
         apply_method(model, MethodConfig(method="lora", trainable_tokens="<end_of_turn>,<nope>"), tok)
     with pytest.raises(UserError, match="not with --method prompt-tuning"):
         apply_method(model, MethodConfig(method="prompt-tuning", trainable_tokens="chat"), tok)
+
+
+def _peft_forward(model):
+    """The same model with PEFT's own trainable-tokens forward (hwtools' per-instance override removed)."""
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.__dict__.pop("forward_adapters", None)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "llama", "gemma3"])  # tied, untied, scaled embedding
+def test_indexed_trainable_tokens_equal_peft_in_values_and_gradients(arch, tiny_dirs, tmp_path):
+    batch = None
+    results = []
+    for indexed in (True, False):
+        model, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path)
+        model = apply_method(model, MethodConfig(method="lora", trainable_tokens="chat", **CFG), tok, log=None)
+        if not indexed:
+            model = _peft_forward(model)
+        deltas = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+        assert deltas and all(p.requires_grad for p in deltas)
+        with torch.no_grad():  # trained rows that differ from the base, so swapping them in matters
+            for p in deltas:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        batch = batch or tiny_chat_batch(tok)
+        loss, _ = causal_lm_loss(model, batch, chunk_size=7)  # several head chunks, each under checkpointing
+        loss.backward()
+        logits = model(input_ids=batch["input_ids"][:, :9]).logits
+        results.append((loss.detach(), logits.detach(), [p.grad.clone() for p in deltas]))
+    (loss_a, logits_a, grads_a), (loss_b, logits_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b):
+        assert ga.abs().sum() > 0
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def _untrained_like(model, tok, tokens, twins=40):
+    """Put `tokens`' embedding rows into a cluster of `twins` near-identical rows, as a base checkpoint leaves the
+    rows pretraining never touched."""
+    from hwtools.llm.models import unwrap_model
+
+    weight = unwrap_model(model).get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids(tokens)
+    others = [i for i in range(weight.shape[0] - twins, weight.shape[0]) if i not in ids]
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(weight.shape[1], generator=g)
+    with torch.no_grad():
+        for i in ids + others:
+            weight[i] = center + 0.01 * torch.randn(weight.shape[1], generator=g)
+
+
+def test_auto_trainable_tokens_follow_the_embedding_rows(tiny_dirs, tmp_path):
+    from hwtools.llm.methods import choose_trainable_tokens, untrained_rows
+
+    model, tok = load_model_and_tokenizer(str(tiny_dirs["gemma2"]), tmp_path)
+    markers = ["<start_of_turn>", "<end_of_turn>"]
+    lora = MethodConfig(method="lora", **CFG)
+    assert lora.trainable_tokens == "auto"
+    trained = choose_trainable_tokens(lora, model, tok)  # a random init: every row distinct
+    assert trained.ids == [] and "trained embedding rows" in trained.reason
+
+    _untrained_like(model, tok, ["<end_of_turn>"])
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    stats = untrained_rows(model.get_input_embeddings().weight, [end, tok.convert_tokens_to_ids("<start_of_turn>")])
+    assert stats[end]["untrained"] and stats[end]["twins"] >= 39
+    choice = choose_trainable_tokens(lora, model, tok)
+    assert choice.tokens == markers and sorted(choice.ids) == sorted(tok.convert_tokens_to_ids(markers))
+    assert "never trained <end_of_turn>" in choice.reason and "<start_of_turn> (" not in choice.reason
+    logged = []
+    tuned = apply_method(model, lora, tok, log=logged.append)
+    assert count_parameters(tuned)["trainable"] == expected_trainable("gemma2", "lora", len(tok)) + 2 * H
+    assert logged[-1] == choice.reason
+
+    for method, text in (("prompt-tuning", "auto"), ("full", "auto"), ("lora", "none")):
+        cfg = MethodConfig(method=method, trainable_tokens=text, **CFG)
+        assert choose_trainable_tokens(cfg, model, tok).ids == []
+
+
+def test_auto_trainable_tokens_take_a_zero_row_as_untrained(tiny_dirs, tmp_path):
+    from hwtools.llm.methods import choose_trainable_tokens
+
+    model, tok = load_model_and_tokenizer(str(tiny_dirs["llama"]), tmp_path)
+    with torch.no_grad():  # Llama-3 base keeps its reserved and chat tokens at (near) zero
+        model.get_input_embeddings().weight[tok.convert_tokens_to_ids("<end_of_turn>")] = 1e-6
+    choice = choose_trainable_tokens(MethodConfig(method="qlora"), model, tok)
+    assert "<end_of_turn>" in choice.tokens and "median row norm" in choice.reason
+    assert choose_trainable_tokens(MethodConfig(method="qlora"), model, None).ids == []

@@ -10,6 +10,7 @@ import torch
 
 from hwtools.llm.methods import METHODS
 from tests.tiny_models import build_tiny_tokenizer, one_torch_thread, save_tiny_model  # noqa: F401
+from tests.wandb_runs import wandb_inspect
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-steps", "2", "--batch-size", "2", "--max-length", "96", "--max-train-examples", "24",
@@ -45,6 +46,9 @@ def test_every_method_runs_from_the_cli(method, tiny_gemma2, tmp_path):
     assert 0 < p["trainable"] <= p["total"]
     assert (p["trainable"] == p["total"]) == (method == "full")
     assert summary["resources"]["throughput_unit"] == "tokens/s" and summary["resources"]["throughput"] > 0
+    phases = summary["resources"]["phases"]
+    assert list(phases) == ["load", "base_eval", "train", "final_eval", "save"] and all(v >= 0 for v in phases.values())
+    assert phases["train"] >= summary["resources"]["train_time_s"] - 0.5  # the loop's clock runs inside the phase
     test = summary["test"]
     assert test["loss"] > 0 and test["perplexity"] > 1 and test["base_loss"] > 0 and test["chrf"] is not None
     assert summary["data_report"]["rows_read"] == 827
@@ -77,6 +81,41 @@ def cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "launch/train_llm.py"), *args], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=600)
+
+
+def test_default_run_reports_the_comparison_row_to_wandb(tiny_gemma2, tmp_path):
+    """W&B is on by default (offline without a key): the run's W&B summary holds summary.json's comparison columns,
+    its config every flag, its name the method; every phase shows a progress bar and the run ends with their times."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/train_llm.py"), "--method", "lora", "--model",
+                           str(tiny_gemma2), "--output-dir", str(out), "--lora-r", "4", *FAST], capture_output=True,
+                          text=True, cwd=ROOT, env={**env, "HOME": str(tmp_path), "WANDB_SILENT": "true"}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    run = wandb_inspect(out)
+    assert run["state"] == "finished" and run["name"] == "lora"
+    columns = run["summary"]
+    expected = {"method": "lora", "model": str(tiny_gemma2), "params.trainable": summary["params"]["trainable"],
+                "params.total": summary["params"]["total"], "test.perplexity": summary["test"]["perplexity"],
+                "resources.peak_memory_mb": summary["resources"]["peak_memory_mb"],
+                "resources.train_time_s": summary["resources"]["train_time_s"]}
+    for key, value in expected.items():
+        assert columns[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    for key in ("params.trainable_pct", "resources.throughput", "test.loss", "test.chrf", "test.base_chrf",
+                "resources.phases.base_eval", "train.steps", "data_report.rows_used"):
+        assert key in columns, key
+    assert columns["train/loss"] > 0  # the loss curve went up too
+    assert run["config"]["lora_r"] == 4 and run["config"]["method"] == "lora" and run["config"]["report_to"] == "wandb"
+    assert run["config"]["gen_max_new_tokens"] == 4 and run["config"]["task"] == "llm"
+
+    n_prompts = len(json.loads((out / "generations.json").read_text()))
+    for bar in ("base answers: 100%", "answers: 100%", "base chrF answers: 100%", "chrF answers: 100%",
+                "base test loss: 100%", "test loss: 100%"):
+        assert bar in proc.stderr, bar
+    assert f"{n_prompts}/{n_prompts}" in proc.stderr
+    assert "phases (s): load" in proc.stdout and "final_eval" in proc.stdout
+    assert "wandb leet" in proc.stdout  # the offline notice says how to look at the run
 
 
 def test_method_typo_is_one_line_exit_2(tmp_path):

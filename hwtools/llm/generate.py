@@ -44,6 +44,18 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+class _StepTicker:
+    """A logits processor that only shows the decoding step of the running batch on the progress bar."""
+
+    def __init__(self, bar, max_new_tokens: int):
+        self.bar, self.max_new_tokens, self.step = bar, max_new_tokens, 0
+
+    def __call__(self, input_ids, scores):
+        self.step += 1
+        self.bar.set_postfix_str(f"token {self.step}/{self.max_new_tokens}")
+        return scores
+
+
 @torch.no_grad()
 def generate_token_ids(
     model,
@@ -56,8 +68,12 @@ def generate_token_ids(
     *,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    progress: Optional[str] = None,
 ) -> list[list[int]]:
-    """The new token ids for each conversation (see generate_answers), stop tokens and padding removed."""
+    """The new token ids for each conversation (see generate_answers), stop tokens and padding removed; `progress`
+    names a progress bar counting the answers (None: no bar)."""
+    from hwtools.train.phases import progress as progress_bar
+
     from accelerate.utils import extract_model_from_parallel
 
     model = extract_model_from_parallel(model)
@@ -87,16 +103,23 @@ def generate_token_ids(
     model.eval()
     tokenizer.padding_side = "left"  # generation continues at the right end of every row
     results: list[list[int]] = [[] for _ in prompts]
+    bar = progress_bar(len(prompts), progress or "", "answers", enabled=progress is not None)
+    if progress is not None:  # a batch of answers takes minutes on a CPU: show its decoding step too
+        gen_kwargs["logits_processor"] = [_StepTicker(bar, max_new_tokens)]
     try:
         for rows in batches:
             enc = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt").to(device)
+            if progress is not None:
+                gen_kwargs["logits_processor"][0].step = 0
             out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **gen_kwargs)
             for i, row in zip(rows, out[:, enc["input_ids"].shape[1]:].tolist()):
                 for t in row:  # everything after the first stop token is padding
                     if t in stop_ids:
                         break
                     results[i].append(t)
+            bar.update(len(rows))
     finally:
+        bar.close()
         tokenizer.padding_side = old_side
         model.train(was_training)
     return results
@@ -113,13 +136,15 @@ def generate_answers(
     *,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    progress: Optional[str] = None,
 ) -> list[str]:
     """The model's answer to each conversation (turns ending with a user turn), greedy or sampled, in batches.
 
     Prompts are rendered with the chat template plus the generation prompt and left-padded. Generation stops at
     EOS or the chat format's end-of-turn token. Soft prompts (by `method`, or detected from the PEFT config)
-    generate without the KV cache and batch only prompts of equal length (see generate_token_ids).
+    generate without the KV cache and batch only prompts of equal length (see generate_token_ids). `progress` names
+    a progress bar counting the answers.
     """
     ids = generate_token_ids(model, tokenizer, conversations, max_new_tokens, batch_size, do_sample, method,
-                             temperature=temperature, top_p=top_p)
+                             temperature=temperature, top_p=top_p, progress=progress)
     return [a.strip() for a in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hwtools.errors import UserError
 from hwtools.llm.models import EMBEDDED, find_decoder_layers, load_model_and_tokenizer, unwrap_model
@@ -53,9 +54,10 @@ class MethodConfig:
         metadata={"help": "Comma-separated module names LoRA adapts, or all-linear."},
     )
     trainable_tokens: str = field(
-        default="",
-        metadata={"help": "LoRA family: also train these tokens' embedding rows (PEFT trainable tokens): comma-separated "
-                  "tokens, or 'chat' for the chat template's turn markers (a base checkpoint never trained them)."},
+        default="auto",
+        metadata={"help": "LoRA family: also train these tokens' embedding rows (PEFT trainable tokens): 'auto' (the "
+                  "chat turn markers when this checkpoint never trained them, judged from their embedding rows), "
+                  "'chat' (the turn markers), 'none', or comma-separated tokens."},
     )
     unfreeze_first: int = field(default=2, metadata={"help": "partial: train the first N decoder layers."})
     unfreeze_last: int = field(default=2, metadata={"help": "partial: train the last N decoder layers."})
@@ -110,7 +112,7 @@ def check_method_config(cfg: MethodConfig) -> None:
             raise UserError(f"--lora-dropout {cfg.lora_dropout}: must be in [0, 1)")
         if not parse_target_modules(cfg.target_modules):
             raise UserError("--target-modules is empty; name modules (e.g. q_proj,v_proj) or use all-linear")
-    if cfg.trainable_tokens.strip() and cfg.method not in LORA_METHODS:
+    if explicit_trainable_tokens(cfg.trainable_tokens) and cfg.method not in LORA_METHODS:
         raise UserError(f"--trainable-tokens works with {', '.join(LORA_METHODS)} (PEFT trainable tokens), "
                         f"not with --method {cfg.method}")
     if cfg.method == "partial" and (cfg.unfreeze_first < 0 or cfg.unfreeze_last < 0):
@@ -124,10 +126,16 @@ def parse_target_modules(text: str):
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def explicit_trainable_tokens(text: str) -> bool:
+    """Whether --trainable-tokens names tokens itself ('chat' or a list), rather than 'auto' or 'none'."""
+    return text.strip().lower() not in ("", "auto", "none")
+
+
 def resolve_trainable_tokens(text: str, tokenizer) -> list[int]:
-    """Token ids for --trainable-tokens: 'chat' = the chat turn markers in the vocab, else comma-separated tokens."""
+    """Token ids for an explicit --trainable-tokens: 'chat' = the chat turn markers in the vocab, else comma-separated
+    tokens; 'auto' and 'none' give [] here (see choose_trainable_tokens)."""
     text = text.strip()
-    if not text:
+    if not explicit_trainable_tokens(text):
         return []
     if tokenizer is None:
         raise UserError("--trainable-tokens needs the tokenizer to find the tokens (pass it to apply_method)")
@@ -143,6 +151,85 @@ def resolve_trainable_tokens(text: str, tokenizer) -> list[int]:
             raise UserError(f"--trainable-tokens: {token!r} is not one token of this tokenizer's vocabulary")
         ids.append(vocab[token])
     return sorted(set(ids))
+
+
+# An embedding row that pretraining never updated keeps its initial value: zero (Llama-3's reserved tokens) or the
+# value shared by every other untouched row (the base Gemma-3-270M's <end_of_turn> sits among hundreds of unused
+# tokens at cosine > 0.99 to each other). A trained token has no such twins.
+UNTRAINED_COSINE = 0.99
+UNTRAINED_TWINS = 16
+UNTRAINED_NORM_FRACTION = 0.05
+
+
+@torch.no_grad()
+def untrained_rows(weight: torch.Tensor, ids: list[int], chunk: int = 32768) -> dict[int, dict]:
+    """For each row id of an embedding matrix: {"twins": rows at cosine > UNTRAINED_COSINE, "norm_ratio": its norm
+    over the median row norm, "untrained": bool}, judged as in the comment above."""
+    if not ids:
+        return {}
+    probe = weight[ids].float()
+    probe_unit = probe / probe.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    twins = torch.zeros(len(ids), dtype=torch.long)
+    norms = []
+    for start in range(0, weight.shape[0], chunk):  # chunks: a bf16 weight is never copied whole to fp32
+        rows = weight[start : start + chunk].float()
+        n = rows.norm(dim=1)
+        norms.append(n)
+        cos = (rows @ probe_unit.T) / n.clamp_min(1e-12)[:, None]
+        twins += (cos > UNTRAINED_COSINE).sum(dim=0).cpu()
+    median = torch.cat(norms).median().clamp_min(1e-12)
+    out = {}
+    for j, i in enumerate(ids):
+        ratio = float(probe[j].norm() / median)
+        n_twins = int(twins[j]) - 1  # the row itself
+        out[i] = {"twins": n_twins, "norm_ratio": ratio,
+                  "untrained": ratio < UNTRAINED_NORM_FRACTION or n_twins >= UNTRAINED_TWINS}
+    return out
+
+
+@dataclass
+class TokenChoice:
+    """Which embedding rows a LoRA-family run also trains, and one line saying why."""
+
+    ids: list[int]
+    tokens: list[str]
+    reason: str
+
+
+def choose_trainable_tokens(cfg: MethodConfig, model: Optional[nn.Module], tokenizer) -> TokenChoice:
+    """The rows --trainable-tokens asks for. 'auto': the chat turn markers, if this checkpoint never trained any of
+    them (untrained_rows) and the method can train rows (LoRA family); otherwise none."""
+    text = cfg.trainable_tokens.strip()
+    if explicit_trainable_tokens(text):
+        ids = resolve_trainable_tokens(text, tokenizer)
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        return TokenChoice(ids, tokens, f"trainable tokens: {', '.join(tokens)} (--trainable-tokens {text})")
+    if text.lower() == "none":
+        return TokenChoice([], [], "trainable tokens: none (--trainable-tokens none)")
+    if cfg.method not in LORA_METHODS:
+        return TokenChoice([], [], f"trainable tokens (auto): none, {cfg.method} cannot train embedding rows")
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    markers = [t for t in CHAT_TURN_TOKENS if t in vocab]
+    if model is None or not markers:
+        return TokenChoice([], [], "trainable tokens (auto): none, the vocabulary has no chat turn markers")
+    weight = unwrap_model(model).get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return TokenChoice([], [], "trainable tokens (auto): none, the weights are not loaded")
+    stats = untrained_rows(weight, [vocab[t] for t in markers])
+    untrained = [t for t in markers if stats[vocab[t]]["untrained"]]
+    if not untrained:
+        return TokenChoice([], [], f"trainable tokens (auto): none, the turn markers {', '.join(markers)} are "
+                                   f"trained embedding rows")
+    why = ", ".join(f"{t} ({_untrained_evidence(stats[vocab[t]])})" for t in untrained)
+    return TokenChoice([vocab[t] for t in markers], markers,
+                       f"trainable tokens (auto): {', '.join(markers)}, because this checkpoint never trained {why}; "
+                       f"--trainable-tokens none turns this off")
+
+
+def _untrained_evidence(stat: dict) -> str:
+    if stat["norm_ratio"] < UNTRAINED_NORM_FRACTION:
+        return f"its embedding row is {stat['norm_ratio']:.3f}x the median row norm"
+    return f"{stat['twins']:,} other embedding rows at cosine > {UNTRAINED_COSINE}: the never-trained cluster"
 
 
 # ---- builders: one per method family --------------------------------------------------------------------------
@@ -242,7 +329,7 @@ def build_lora(
         trainable_token_indices=list(token_ids) if token_ids else None,
     )
     try:
-        return get_peft_model(model, lora_cfg)
+        return use_indexed_trainable_tokens(get_peft_model(model, lora_cfg))
     except ValueError as e:
         if "not found in the base model" not in str(e) and "Target module" not in str(e):
             raise
@@ -251,6 +338,47 @@ def build_lora(
         raise UserError(
             f"--target-modules {cfg.target_modules}: not in this model; its linear layers are {', '.join(names)}"
         ) from None
+
+
+def use_indexed_trainable_tokens(model: nn.Module) -> nn.Module:
+    """Give every PEFT trainable-tokens layer of `model` a forward that never builds the full-size weight.
+
+    PEFT's own forward copies the whole weight with the trained rows swapped in (`index_copy`) on every call, so
+    backward also forms a dense weight-sized gradient: for a tied 262k x 640 embedding and LM head that is a 671 MB
+    copy per call and, for the head, a second vocabulary-sized matmul per loss chunk. Here the frozen weight serves
+    every row and the few trained rows are put in by index: same values, same gradients (tested), a fraction of the
+    work. Saving, merging and loading stay PEFT's."""
+    from types import MethodType
+
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.forward_adapters = MethodType(_indexed_forward_adapters, module)
+    return model
+
+
+def _indexed_forward_adapters(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:
+    base = self.base_layer
+    plain = self.disable_adapters or not active_adapters or self.merged
+    if plain or not isinstance(base, (nn.Embedding, nn.Linear)):
+        return type(self).forward_adapters(self, x, active_adapters, *args, **kwargs)
+    self._check_overlapping_tokens(active_adapters)
+    weight = base.weight
+    if isinstance(base, nn.Embedding):
+        result = F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                             norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        for name in active_adapters:
+            delta = self.trainable_tokens_delta[name].to(weight)
+            for j, token in enumerate(self.token_indices[name]):
+                result = torch.where((x == token).unsqueeze(-1), delta[j], result)
+        scale = self._get_embed_scale()  # e.g. Gemma-3's scaled embedding, as PEFT applies it
+        return result * scale.to(result.dtype) if scale is not None else result
+    result = F.linear(x, weight)  # a tied LM head; PEFT's own path has no bias either
+    for name in active_adapters:
+        index = torch.tensor(self.token_indices[name], device=result.device)
+        result = result.index_copy(-1, index, F.linear(x, self.trainable_tokens_delta[name].to(weight)))
+    return result
 
 
 def build_qlora(model: nn.Module, cfg: MethodConfig, token_ids: Optional[list[int]] = None) -> nn.Module:
@@ -337,10 +465,13 @@ def _fully_trained_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optional[Callable[[str], None]] = print):
-    """Make `model` trainable the way cfg.method says; logs the trainable parameter groups and counts via `log`."""
+def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optional[Callable[[str], None]] = print,
+                 tokens: Optional[TokenChoice] = None):
+    """Make `model` trainable the way cfg.method says; logs the token choice (choose_trainable_tokens, unless given
+    as `tokens`), the trainable parameter groups and counts via `log`."""
     check_method_config(cfg)
     m = cfg.method
+    tokens = tokens or choose_trainable_tokens(cfg, model, tokenizer)
     if m == "prompt-tuning":
         model = build_prompt_tuning(model, cfg, tokenizer)
     elif m == "prefix-tuning":
@@ -348,10 +479,9 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
     elif m == "p-tuning":
         model = build_p_tuning(model, cfg)
     elif m in ("lora", "dora", "rslora"):
-        token_ids = resolve_trainable_tokens(cfg.trainable_tokens, tokenizer)
-        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora", token_ids=token_ids)
+        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora", token_ids=tokens.ids)
     elif m == "qlora":
-        model = build_qlora(model, cfg, token_ids=resolve_trainable_tokens(cfg.trainable_tokens, tokenizer))
+        model = build_qlora(model, cfg, token_ids=tokens.ids)
     elif m == "partial":
         model = build_partial(model, cfg)
     else:
@@ -364,6 +494,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
         log(f"method {m}: trainable {counts['trainable']:,} of {counts['total']:,} parameters "
             f"({counts['trainable_pct']:.4f}%)")
         log(f"trainable parameter groups: {groups}")
+        log(tokens.reason)
     return model
 
 
@@ -478,7 +609,7 @@ def load_finetuned(run_or_final_dir, cache_dir, *, dtype: Optional[torch.dtype] 
         if meta["format"] == "peft-adapter":
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, final)
+            model = use_indexed_trainable_tokens(PeftModel.from_pretrained(model, final))
         else:
             _load_partial_layers(model, final, meta)
     return model.eval(), tokenizer

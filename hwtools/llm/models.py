@@ -139,13 +139,15 @@ def is_flash_attention(name: Optional[str]) -> bool:
 
 
 def weights_dtype(name: str, device, method: Optional[str] = None) -> torch.dtype:
-    """--dtype to the dtype the weights are loaded in. auto: fp32 on CPU, for full fine-tuning (every weight is
-    trained, and trained weights stay fp32) and on GPUs without native bf16; bf16 on GPUs that have it."""
-    from hwtools.device import bf16_supported
+    """--dtype to the dtype the weights are loaded in. auto: bf16 on GPUs with native bf16 and on CPUs with bf16
+    instructions (AVX512-BF16 or AMX); fp32 elsewhere (emulated bf16 is slower) and for full fine-tuning (every
+    weight is trained, and trained weights stay fp32)."""
+    from hwtools.device import bf16_supported, cpu_has_bf16
 
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name == "auto":
-        return torch.bfloat16 if bf16_supported(device) and method != "full" else torch.float32
+        native = bf16_supported(device) or (torch.device(device).type == "cpu" and cpu_has_bf16())
+        return torch.bfloat16 if native and method != "full" else torch.float32
     if name not in table:
         raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
     return table[name]

@@ -117,10 +117,13 @@ class Tracker:
             raise UserError(f"--report-to {cfg.report_to}: choose wandb or none")
         if self.use_wandb:
             _wandb_offline_fallback(run_dir, accelerator.is_main_process)
+            # runs grouped by task and named by method or arch, so the runs table reads as the comparison table
+            name = cfg.run_name or config_dict.get("method") or config_dict.get("arch") or Path(run_dir).name
             accelerator.init_trackers(
                 cfg.wandb_project,
                 config=to_jsonable(config_dict),
-                init_kwargs={"wandb": {"name": cfg.run_name or Path(run_dir).name, "dir": str(run_dir)}},
+                init_kwargs={"wandb": {"name": name, "group": config_dict.get("task"), "dir": str(run_dir),
+                                       "notes": str(run_dir)}},
             )
 
     def truncate_after(self, step: int) -> None:
@@ -160,9 +163,31 @@ class Tracker:
 
         self.accelerator.log({key: [wandb.Image(str(p)) for p in paths]}, step=step)
 
+    def summarize(self, summary: dict) -> None:
+        """summary.json, flattened to dotted keys ("params.trainable", "test.chrf"), into the W&B run's summary: the
+        comparison columns of the runs table. A no-op without W&B."""
+        if not (self.use_wandb and self.accelerator.is_main_process):
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.summary.update(flatten(to_jsonable(summary)))
+
     def finish(self) -> None:
         if self.use_wandb:
             self.accelerator.end_training()
+
+
+def flatten(obj: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": "[1, 2]"}: nested dicts to dotted keys, lists to text."""
+    out = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v, ensure_ascii=False)
+        else:
+            out[key] = v
+    return out
 
 
 def _wandb_offline_fallback(run_dir: Path, main: bool) -> None:
@@ -172,7 +197,7 @@ def _wandb_offline_fallback(run_dir: Path, main: bool) -> None:
         os.environ["WANDB_MODE"] = "offline"
         if main:
             print(
-                f"wandb: no API key, logging offline to {run_dir}/wandb; "
+                f"wandb: no API key, logging offline to {run_dir}/wandb; browse it with `wandb leet {run_dir}/wandb`, "
                 f"upload later with `wandb sync {run_dir}/wandb/offline-run-*`",
                 flush=True,
             )

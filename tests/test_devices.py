@@ -1,0 +1,28 @@
+"""CPU bf16 detection (AVX512-BF16 / AMX from /proc/cpuinfo) and what --dtype auto makes of it."""
+import torch
+
+from hwtools.device import cpu_flags, cpu_has_bf16
+
+SAPPHIRE_RAPIDS = "processor\t: 0\nmodel name\t: Intel Xeon\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+ZEN3 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: avx512_bf16\n"
+
+
+def test_bf16_instructions_are_read_from_the_first_cpus_flags():
+    assert {"avx512_bf16", "amx_tile"} <= cpu_flags(SAPPHIRE_RAPIDS)
+    assert cpu_has_bf16(SAPPHIRE_RAPIDS)
+    assert cpu_flags(ZEN3) == {"fpu", "sse", "avx", "avx2", "fma"} and not cpu_has_bf16(ZEN3)
+    assert cpu_has_bf16("flags\t: avx512f amx_bf16\n") and not cpu_has_bf16("flags\t: avx512f avx512bw\n")
+    assert cpu_has_bf16() == any(f in cpu_flags() for f in ("avx512_bf16", "amx_bf16")) or not cpu_flags()
+
+
+def test_dtype_auto_picks_bf16_only_on_a_bf16_cpu(monkeypatch):
+    import hwtools.device as device
+    from hwtools.llm.models import weights_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    assert weights_dtype("auto", cpu, "lora") == torch.bfloat16
+    assert weights_dtype("auto", cpu, "full") == torch.float32  # every weight trains: fp32 master weights
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    assert weights_dtype("auto", cpu, "lora") == torch.float32
+    assert weights_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice stays
