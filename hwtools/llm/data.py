@@ -483,13 +483,20 @@ def length_grouped_sampler(examples: list[dict], batch_size: int, seed: int):
 
 def collate_flattened(batch: list[dict], pad_id: int) -> dict:
     """Packed blocks -> ONE row (1, total tokens) of input_ids, labels, position_ids restarting per example, and
-    num_tokens; no padding, no attention_mask. Flash-attention's variable-length path (a batch of one row whose
-    position ids restart) keeps every example to itself; pad_id is unused (the signature of collate_packed)."""
+    num_tokens, loss_index and the varlen kernel's cu_seq_lens_q/k, max_length_q/k; no padding, no attention_mask.
+    Flash-attention's variable-length path (a batch of one row whose position ids restart) keeps every example to
+    itself; pad_id is unused (the signature of collate_packed)."""
     ids = [t for b in batch for t in b["input_ids"]]
     labels = torch.tensor([[t for b in batch for t in b["labels"]]])
-    return {"input_ids": torch.tensor([ids]), "labels": labels,
-            "position_ids": torch.tensor([[t for b in batch for t in b["position_ids"]]]),
-            "num_tokens": len(ids), "loss_index": loss_index(labels)}
+    positions = [t for b in batch for t in b["position_ids"]]
+    # the example boundaries flash-attention's varlen kernel needs, made here on the CPU (as TRL's collator does):
+    # from position ids on the device transformers would wait for the device in every layer
+    bounds = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return {"input_ids": torch.tensor([ids]), "labels": labels, "position_ids": torch.tensor([positions]),
+            "num_tokens": len(ids), "loss_index": loss_index(labels), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
 
 
 def loss_index(labels: torch.Tensor) -> torch.Tensor:

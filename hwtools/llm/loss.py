@@ -21,6 +21,7 @@ from hwtools.errors import UserError
 IGNORE_INDEX = -100
 # target rows per chunk: about 2**26 logits (256 MiB in fp32) per chunk
 _LOGITS_PER_CHUNK = 2**26
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _strip_wrappers(model):
@@ -71,6 +72,8 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None and peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         kwargs["position_ids"] = position_ids  # PEFT ignores them for prepended virtual tokens (with a warning)
+        # collate_flattened's example boundaries for flash-attention's varlen kernel (other kernels ignore them)
+        kwargs.update({k: batch[k] for k in _VARLEN_KEYS if k in batch})
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     out = model(**kwargs, use_cache=False, output_hidden_states=-1, logits_to_keep=no_position)
     hidden = out.hidden_states[-1]  # the final, normed hidden states (transformers ties the last one to them)
