@@ -9,7 +9,8 @@
 #   bench-*      bench_llm.py, bench_generate.py, bench_caption.py on CUDA (results named *_cuda / llm_real_size_cuda)
 # Needs torch with CUDA, transformers, accelerate, peft, timm, sacrebleu, matplotlib; nothing is downloaded (random
 # weights from known configs, the packaged data). Without bitsandbytes QLoRA is left out of the real-size section;
-# without `datasets` the Trainer variant is left out of bench-llm.
+# without `datasets` the Trainer variants are left out of bench-llm, without `trl` (pip install 'hwtools[bench]')
+# the SFTTrainer one.
 #   bash launch/bench_gpu.sh OUTPUT_DIR     # PYTHON=... picks the interpreter (default .venv/bin/python, else python3)
 # OUTPUT_DIR receives three files: bench_gpu.log (every section's output), gpu_report.md (pass/fail per section, the
 # checks' findings and every benchmark table) and bench_cuda.tar.gz (the *_cuda.md|json results for results/bench/,
@@ -176,7 +177,8 @@ real_size() {  # point 7: Gemma-2-2B with random weights, the recipe's weights d
 }
 bench_llm() {
   local variants=(loop-packed loop-padded bare-packed)
-  "$PY" -c "import datasets" 2>/dev/null && variants+=(trainer-padded)
+  "$PY" -c "import datasets" 2>/dev/null && variants+=(trainer-padded trainer-grouped)
+  "$PY" -c "import datasets, trl" 2>/dev/null && variants+=(trl-packed)  # the optional hwtools[bench] extra
   "$PY" launch/bench_llm.py --device cuda --no-memory --variants "${variants[@]}" --output-dir "$WORK/bench"
 }
 bench_generate() { "$PY" launch/bench_generate.py --device cuda --repeats 2 --output-dir "$WORK/bench"; }

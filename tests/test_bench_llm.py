@@ -29,7 +29,10 @@ def test_every_variant_runs_and_the_comparison_is_consistent(scripts, tmp_path):
     bench_llm, _ = scripts
     results = bench_llm.main(["--quick", "--threads", "1", "--output-dir", str(tmp_path), "--name", "llm"])
     variants = results["comparison"]["variants"]
-    assert list(variants) == list(bench_llm.VARIANTS)
+    assert list(variants) == bench_llm.default_variants()
+    assert ("trl-packed" in variants) == bench_llm.trl_available()
+    # every trained model is scored on the same held-out tokens: a loss near ln(vocab) after two tiny steps
+    assert all(0 < x < 20 for v in variants.values() for x in v["heldout_loss"])
     for v in variants.values():
         for clock in ("wall", "cpu"):
             assert v[clock]["tokens_per_s"]["median"] > 0 and v[clock]["step_s"]["median"] > 0
@@ -47,6 +50,11 @@ def test_every_variant_runs_and_the_comparison_is_consistent(scripts, tmp_path):
     assert cmp_["packed_over_reference"]["cpu"] == pytest.approx(variants["loop-packed"]["cpu"]["vs_reference"])
     loop, bare = variants["loop-packed"]["wall"]["seconds"]["median"], variants["bare-packed"]["wall"]["seconds"]["median"]
     assert cmp_["loop_overhead"]["wall"]["per_repeat"] == [pytest.approx(loop / bare - 1)]
+    if "trl-packed" in variants:  # its packing keeps every example whole (none is longer than --max-length)
+        packing = variants["trl-packed"]["packing"]
+        assert packing["sequences"] == packing["examples"] == 48 and packing["tokens_cut"] == 0
+        assert cmp_["packed_over_trl"]["cpu"] == pytest.approx(
+            variants["loop-packed"]["cpu"]["tokens_per_s"]["median"] / variants["trl-packed"]["cpu"]["tokens_per_s"]["median"])
     d = results["data"]
     assert d["examples"] == 48 and 0.5 < d["block_fill"] <= 1 and d["tokens"] > d["label_tokens"] > 0
     saved = json.loads((tmp_path / "llm.json").read_text())

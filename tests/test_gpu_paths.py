@@ -353,6 +353,10 @@ def test_flattened_rows_keep_examples_apart_like_packed_rows(tiny_dir, tmp_path)
     total = sum(len(b["input_ids"]) for b in blocks)
     assert flat["input_ids"].shape == (1, total) and int(flat["num_tokens"]) == total
     assert (flat["position_ids"][0] == 0).sum() == len(CHATS)  # one restart per example
+    # the varlen kernel's boundaries, made on the CPU: the example starts and the end
+    starts = (flat["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert flat["cu_seq_lens_q"].tolist() == starts + [total] and flat["cu_seq_lens_q"].dtype == torch.int32
+    assert flat["max_length_q"] == max(b - a for a, b in zip(starts, starts[1:] + [total]))
     with torch.no_grad():
         a, n_a = causal_lm_loss(model.eval(), flat)
         b, n_b = causal_lm_loss(model, packed)

@@ -322,9 +322,13 @@ def test_pack_examples_fills_blocks_and_restarts_positions():
 def test_collators_pad_and_mask():
     blocks = D.pack_examples(_examples([6, 4, 9]), block_size=10)
     batch = D.collate_packed(blocks, pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens", "loss_index"}
     assert batch["input_ids"].shape == batch["position_ids"].shape == (2, 10)
-    assert int(batch["num_tokens"]) == 19
+    assert batch["num_tokens"] == 19 and isinstance(batch["num_tokens"], int)  # an int: no device sync to count
+    # loss_index: the flat positions whose next token is a label, as a boolean mask of the shifted labels finds them
+    keep = batch["labels"][:, 1:] != D.IGNORE_INDEX
+    assert batch["loss_index"].tolist() == [r * 10 + p for r in range(2) for p in range(9) if keep[r, p]]
+    assert 0 < len(batch["loss_index"]) < 18
     short = min(range(2), key=lambda r: len(blocks[r]["input_ids"]))
     pad = 10 - len(blocks[short]["input_ids"])
     assert batch["labels"][short, -pad:].eq(D.IGNORE_INDEX).all()

@@ -433,7 +433,8 @@ def pack_examples(examples: list[dict], block_size: int) -> list[dict]:
 
 
 def collate_packed(batch: list[dict], pad_id: int) -> dict:
-    """Packed blocks -> input_ids, labels, position_ids (B, L), num_tokens (real tokens); no attention_mask.
+    """Packed blocks -> input_ids, labels, position_ids (B, L), num_tokens (real tokens, an int), loss_index (see
+    loss_index); no attention_mask.
 
     transformers 5 builds the block-diagonal causal mask itself from position ids that restart at 0 (eager, sdpa,
     flex), and keeps Gemma's sliding windows per example. That happens only when attention_mask is None and no KV
@@ -449,12 +450,14 @@ def collate_packed(batch: list[dict], pad_id: int) -> dict:
         ids.append(b["input_ids"] + [pad_id] * pad)
         labels.append(b["labels"] + [IGNORE_INDEX] * pad)
         pos.append(b["position_ids"] + list(range(pad)))
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
-            "num_tokens": torch.tensor(sum(len(b["input_ids"]) for b in batch))}
+    labels = torch.tensor(labels)
+    return {"input_ids": torch.tensor(ids), "labels": labels, "position_ids": torch.tensor(pos),
+            "num_tokens": sum(len(b["input_ids"]) for b in batch), "loss_index": loss_index(labels)}
 
 
 def collate_padded(batch: list[dict], pad_id: int) -> dict:
-    """Unpacked examples -> right-padded input_ids, labels (-100 on padding), 2D attention_mask, num_tokens."""
+    """Unpacked examples -> right-padded input_ids, labels (-100 on padding), 2D attention_mask, num_tokens (an int),
+    loss_index."""
     length = max(len(b["input_ids"]) for b in batch)
     ids, labels, mask = [], [], []
     for b in batch:
@@ -462,8 +465,9 @@ def collate_padded(batch: list[dict], pad_id: int) -> dict:
         ids.append(b["input_ids"] + [pad_id] * pad)
         labels.append(b["labels"] + [IGNORE_INDEX] * pad)
         mask.append([1] * n + [0] * pad)
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask),
-            "num_tokens": torch.tensor(sum(len(b["input_ids"]) for b in batch))}
+    labels = torch.tensor(labels)
+    return {"input_ids": torch.tensor(ids), "labels": labels, "attention_mask": torch.tensor(mask),
+            "num_tokens": sum(len(b["input_ids"]) for b in batch), "loss_index": loss_index(labels)}
 
 
 def length_grouped_sampler(examples: list[dict], batch_size: int, seed: int):
@@ -479,9 +483,26 @@ def length_grouped_sampler(examples: list[dict], batch_size: int, seed: int):
 
 def collate_flattened(batch: list[dict], pad_id: int) -> dict:
     """Packed blocks -> ONE row (1, total tokens) of input_ids, labels, position_ids restarting per example, and
-    num_tokens; no padding, no attention_mask. Flash-attention's variable-length path (a batch of one row whose
-    position ids restart) keeps every example to itself; pad_id is unused (the signature of collate_packed)."""
+    num_tokens, loss_index and the varlen kernel's cu_seq_lens_q/k, max_length_q/k; no padding, no attention_mask.
+    Flash-attention's variable-length path (a batch of one row whose position ids restart) keeps every example to
+    itself; pad_id is unused (the signature of collate_packed)."""
     ids = [t for b in batch for t in b["input_ids"]]
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([[t for b in batch for t in b["labels"]]]),
-            "position_ids": torch.tensor([[t for b in batch for t in b["position_ids"]]]),
-            "num_tokens": torch.tensor(len(ids))}
+    labels = torch.tensor([[t for b in batch for t in b["labels"]]])
+    positions = [t for b in batch for t in b["position_ids"]]
+    # the example boundaries flash-attention's varlen kernel needs, made here on the CPU (as TRL's collator does):
+    # from position ids on the device transformers would wait for the device in every layer
+    bounds = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return {"input_ids": torch.tensor([ids]), "labels": labels, "position_ids": torch.tensor([positions]),
+            "num_tokens": len(ids), "loss_index": loss_index(labels), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+            "max_length_q": longest, "max_length_k": longest}
+
+
+def loss_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row * length + position) of the positions whose next token is a label, in row-major order.
+
+    Computed by the collate function on the CPU, so the loss picks its rows on the device with no host sync (a
+    boolean mask or a count of labels there would wait for the device every micro-batch)."""
+    rows, pos = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + pos

@@ -4,6 +4,9 @@ With a 262k vocabulary the logits dominate memory (4 x 256 tokens x 262144 x 4 b
 gradient). The model is asked for its final hidden states and no logits at all (`logits_to_keep` = no position);
 the hidden states of positions whose next token is a label go through the LM head here, a chunk at a time, each
 chunk under activation checkpointing so that backward also holds one chunk of logits, not all of them.
+
+Those positions come from the batch's `loss_index` (made by the collate function on the CPU), so the loss never
+waits for the device: no label count, no boolean mask of device tensors.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from hwtools.errors import UserError
 IGNORE_INDEX = -100
 # target rows per chunk: about 2**26 logits (256 MiB in fp32) per chunk
 _LOGITS_PER_CHUNK = 2**26
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _strip_wrappers(model):
@@ -73,7 +77,8 @@ def _loss_from_model_logits(model, kwargs: dict, labels: torch.Tensor) -> tuple[
 
 def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """(mean next-token cross-entropy over label positions, number of label tokens) for a batch with input_ids,
-    labels (-100 = ignored), attention_mask (2D, or 4D for packed rows) and optional position_ids.
+    labels (-100 = ignored), attention_mask (2D, or 4D for packed rows), optional position_ids and optional
+    loss_index (hwtools.llm.data.loss_index; without it the index is made here, one host sync).
 
     Equals the model's own `labels=` loss. Works for plain models, PEFT LoRA-family models and soft prompts
     (prompt tuning / P-tuning prepend virtual tokens, whose positions are skipped; prefix tuning adds keys/values).
@@ -91,6 +96,8 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None and peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         kwargs["position_ids"] = position_ids  # PEFT ignores them for prepended virtual tokens (with a warning)
+        # collate_flattened's example boundaries for flash-attention's varlen kernel (other kernels ignore them)
+        kwargs.update({k: batch[k] for k in _VARLEN_KEYS if k in batch})
     if _params_sharded(model):
         return _loss_from_model_logits(model, kwargs, labels)
     no_position = torch.zeros(0, dtype=torch.long, device=input_ids.device)
@@ -99,13 +106,18 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
 
     seq_len = input_ids.shape[1]
     offset = hidden.shape[1] - seq_len  # prompt tuning / P-tuning: virtual tokens come first
-    next_labels = labels[:, 1:]
-    keep = next_labels != IGNORE_INDEX
-    n_tokens = int(keep.sum())
+    index = batch.get("loss_index")
+    if index is None:
+        from hwtools.llm.data import loss_index
+
+        index = loss_index(labels)
+    n_tokens = index.shape[0]  # a shape: known to the host without a sync
     if n_tokens == 0:
         return hidden.sum() * 0.0, 0
-    selected = hidden[:, offset : offset + seq_len - 1][keep]
-    targets = next_labels[keep]
+    targets = labels.reshape(-1).index_select(0, index + 1)  # the next token, in the same row
+    if offset:
+        index = index + (index // seq_len + 1) * offset  # rows of hidden are offset + seq_len long
+    selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
 
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = base.get_output_embeddings()

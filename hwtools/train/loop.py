@@ -3,6 +3,12 @@
 The task supplies the model, data loaders and `loss_fn(model, batch)`; the loop supplies gradient accumulation,
 clipping, mixed precision (accelerate), LR warmup + schedule, periodic evaluation, atomic checkpoints, exact resume,
 early stop on a non-finite loss, progress bar, logging and resource meters.
+
+The host waits for the device only at log, eval and save steps (on a GPU each wait drains the queue): losses and a
+non-finite flag accumulate on the device and are read there. A non-finite loss is therefore found at the next log or
+save step, before that step's optimizer update; up to log_every - 1 updates may follow it (and the model in memory
+may be corrupt), but the flag is read before every checkpoint save, so none of them is ever saved and the last good
+checkpoint stays latest.
 """
 from __future__ import annotations
 
@@ -213,7 +219,10 @@ def train(
     ckpt_root = Path(run_dir) / "checkpoints"
 
     step, epoch, skip, preempted = 0, 0, 0, None
-    window = {"loss_sum": 0.0, "steps": 0}  # train loss averaged over the steps since the last log line
+    # train loss averaged over the steps since the last log line: loss_sum holds what was read from the device so
+    # far, `health` the rest (and the first step with a non-finite loss)
+    window = {"loss_sum": 0.0, "steps": 0}
+    health = _DeviceHealth(accelerator)
     last_logged = None
     if cfg.resume:
         path = resolve_resume(cfg.resume, run_dir)
@@ -224,6 +233,7 @@ def train(
         accelerator.print(f"resumed from {path} at step {step} (epoch {epoch}, batch {skip})")
 
     def loop_state(ep, batches):
+        window["loss_sum"] += health.take_loss_sum()
         return {"step": step, "epoch": ep, "batches_in_epoch": batches, "window": window, "last_logged": last_logged,
                 "num_processes": accelerator.num_processes}
 
@@ -244,7 +254,7 @@ def train(
                 if hasattr(loader, "set_epoch"):
                     loader.set_epoch(epoch)
             batches, skip = skip, 0
-            micro_sum, micro_n = 0.0, 0
+            n_batches = _length(train_loader)
             for batch in _rng_neutral_batches(loader):
                 if step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
                     break
@@ -252,49 +262,61 @@ def train(
                 with accelerator.accumulate(model):
                     with accelerator.autocast():  # the loss may run part of the model (llm: the LM head) itself
                         loss, _ = _split_loss(loss_fn(model, batch))
-                    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0, device=accelerator.device)
-                    if accelerator.reduce(bad, reduction="sum").item() > 0:
-                        stopped = f"non-finite loss at step {step + 1}"
-                        break
+                    health.add_micro(loss, step + 1)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    if accelerator.sync_gradients:
+                        nxt = step + 1
+                        will_log = nxt % cfg.log_every == 0 or nxt == n_steps
+                        will_save = cfg.save_every > 0 and nxt % cfg.save_every == 0
+                        # the steps whose state may be saved or logged read the flag before their update
+                        if will_log or will_save or batches == n_batches:
+                            stopped = health.non_finite()
+                            if stopped is not None:
+                                break
+                        if cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add(count_fn(batch))
-                micro_sum += loss.detach().float().item()
-                micro_n += 1
                 if not accelerator.sync_gradients:
                     continue
                 lr = scheduler.get_last_lr()[0]  # the rate this step was taken with
                 scheduler.step()
                 step += 1
                 bar.update(1)
-                step_loss = accelerator.reduce(
-                    torch.tensor(micro_sum / micro_n, device=accelerator.device), reduction="mean"
-                ).item()
-                micro_sum, micro_n = 0.0, 0
-                window["loss_sum"] += step_loss
+                health.end_step()
                 window["steps"] += 1
-                if step % cfg.log_every == 0 or step == n_steps:
+                will_eval = (cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps)
+                             and eval_loader is not None)
+                pause = will_log or will_eval or will_save
+                if pause:  # the clock stops (and waits for the device) only where the host waits anyway
+                    meter.stop()
+                if will_log:
+                    window["loss_sum"] += health.take_loss_sum()
                     last_logged = window["loss_sum"] / window["steps"]
                     tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
                                  "loss": last_logged, "lr": lr})
                     bar.set_postfix(loss=f"{last_logged:.4f}")
                     window = {"loss_sum": 0.0, "steps": 0}
-                meter.stop()
-                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps) and eval_loader is not None:
+                if will_eval:
                     eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
                                                             steps_per_epoch), step
-                if cfg.save_every > 0 and step % cfg.save_every == 0:
+                if will_save:
+                    stopped = health.non_finite()
+                    if stopped is not None:
+                        break
                     save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
                     saved_at = step
                 preempted = stop.agreed(accelerator)  # the same on every rank: all stop after the same step
                 if preempted is not None:
                     break
-                meter.start()
+                if pause:
+                    meter.start()
             else:  # the epoch ran to its end
                 meter.stop()
+                stopped = health.non_finite()
+                if stopped is not None:
+                    break
                 epoch += 1
                 if cfg.eval_every == 0 and eval_loader is not None and eval_done_at != step:
                     eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
@@ -311,6 +333,8 @@ def train(
             # left the epoch early (max steps reached, a stop signal, or a non-finite loss: then the last good
             # checkpoint stays latest)
             meter.stop()
+            if stopped is None:
+                stopped = health.non_finite()
             if stopped is None and saved_at != step:
                 save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
                 saved_at = step
@@ -327,7 +351,8 @@ def train(
         tracker.log({"step": step, "split": "train", "event": "stopped", "reason": stopped})
     elif eval_loader is not None and eval_done_at != step:
         eval_loss = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step, steps_per_epoch)
-    if window["steps"]:
+    if window["steps"] and stopped is None:
+        window["loss_sum"] += health.take_loss_sum()
         last_logged = window["loss_sum"] / window["steps"]
     total_items = int(accelerator.reduce(torch.tensor(meter.items, device=accelerator.device), "sum").item())
     return TrainResult(
@@ -340,6 +365,58 @@ def train(
         stopped_reason=stopped,
         prepared_model=model,
     )
+
+
+def _length(loader) -> int:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length: its last batch is not known in advance
+        return -1
+
+
+class _DeviceHealth:
+    """Train losses and the first non-finite one, kept on the device between log steps so that a micro-step needs
+    no host sync; each read is one small collective over the ranks."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        device = accelerator.device
+        self.micro_sum = torch.zeros((), dtype=torch.float32, device=device)  # this step's micro-batch losses
+        self.micro_n = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)  # this rank's step losses, not yet read
+        self.bad_at = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss; 0: none
+        self.unread = False
+
+    def add_micro(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        self.micro_sum = self.micro_sum + loss
+        self.micro_n += 1
+        self.bad_at = torch.where((self.bad_at == 0) & ~torch.isfinite(loss), step, self.bad_at)
+        self.unread = True
+
+    def end_step(self) -> None:
+        self.loss_sum = self.loss_sum + self.micro_sum / max(self.micro_n, 1)
+        self.micro_sum = torch.zeros_like(self.micro_sum)
+        self.micro_n = 0
+
+    def take_loss_sum(self) -> float:
+        """The step losses (each the mean over ranks of its micro-batch mean) added up since the last take."""
+        total = self.accelerator.reduce(self.loss_sum.clone(), reduction="mean").item()
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+        return total
+
+    def non_finite(self) -> Optional[str]:
+        """The stop reason if any rank has seen a non-finite loss, the same on every rank; reads the device only when
+        a micro-step ran since the last read (a clean flag stays clean)."""
+        if not self.unread:
+            return None
+        self.unread = False
+        seen = self.accelerator.gather(self.bad_at[None]).tolist()
+        bad = [s for s in seen if s > 0]
+        if not bad:
+            return None
+        self.unread = True  # stays bad: every later read stops too
+        return f"non-finite loss at step {min(bad)}"
 
 
 @contextmanager

@@ -58,6 +58,8 @@ class ResourceMeter:
         self._start = time.perf_counter()
 
     def stop(self) -> None:
+        """Pause the clock, waiting for the device's queued work first (so call it only where the host waits anyway:
+        the loop pauses at log, eval and save steps, not every step)."""
         if self._start is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
