@@ -12,6 +12,7 @@
 # without `datasets` the Trainer variants are left out of bench-llm, without `trl` (pip install 'hwtools[bench]')
 # the SFTTrainer one.
 #   bash launch/bench_gpu.sh OUTPUT_DIR     # PYTHON=... picks the interpreter (default .venv/bin/python, else python3)
+#   SECTIONS="env tiny-model cli-fsdp" bash launch/bench_gpu.sh OUTPUT_DIR    # only these sections (BUDGET_S: seconds)
 # OUTPUT_DIR receives three files: bench_gpu.log (every section's output), gpu_report.md (pass/fail per section, the
 # checks' findings and every benchmark table) and bench_cuda.tar.gz (the *_cuda.md|json results for results/bench/,
 # and the CLI runs' summary.json, config.json, metrics.jsonl, generations.md). Exit status: 0 only if every section
@@ -38,6 +39,9 @@ results=()
 failed=0
 section() {  # section NAME LIMIT_S FUNCTION: run it under a time limit; a failure is recorded and the next one runs
   local name=$1 limit=$2 fn=$3 left=$((budget - SECONDS)) start=$SECONDS rc
+  if [[ -n ${SECTIONS:-} && " $SECTIONS " != *" $name "* ]]; then
+    results+=("| $name | not selected | SECTIONS=\"$SECTIONS\" |"); return
+  fi
   if ((left < 30)); then
     results+=("| $name | not run | time budget of ${budget} s spent |"); failed=1
     echo "== $name: not run (budget spent)" | tee -a "$log"; return
