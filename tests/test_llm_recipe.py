@@ -145,8 +145,12 @@ def test_lora_on_the_embedded_model_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "embedded" and summary["method"] == "lora"
-    assert summary["params"]["trainable"] == 737_280  # r=8 on q,k,v,o of 18 Gemma-3-270M layers
-    assert summary["params"]["total"] == 268_098_176 + 737_280
+    # r=8 on q,k,v,o of 18 Gemma-3-270M layers, plus the two turn markers' rows that auto picks (640 each): the base
+    # checkpoint never trained <end_of_turn>
+    assert summary["trainable_tokens"] == "<start_of_turn>,<end_of_turn>"
+    assert "never trained <end_of_turn>" in summary["trainable_tokens_reason"]
+    assert summary["params"]["trainable"] == 737_280 + 2 * 640
+    assert summary["params"]["total"] == 268_098_176 + 737_280 + 2 * 640
     assert summary["train"]["steps"] == 2 and summary["train"]["final_loss"] > 0
     assert 1 < summary["test"]["perplexity"] < 1000 and summary["test"]["base_perplexity"] > 1
     assert (out / "final" / "adapter_model.safetensors").is_file()
