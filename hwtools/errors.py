@@ -29,7 +29,7 @@ class RunStopped(Exception):
 
 def cli_main(fn):
     """Wrap a recipe's main(): a UserError prints `error: <message>` on stderr and exits with status 2; a RunStopped
-    prints its line and exits with its code."""
+    prints its line and exits with its code. Either way the run folder's lock is released."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,5 +42,9 @@ def cli_main(fn):
             if str(e):
                 print(str(e), file=sys.stderr, flush=True)
             sys.exit(e.exit_code)
+        finally:
+            from hwtools.train.lock import release_held_locks
+
+            release_held_locks()  # the run is over: a corrected rerun in the same folder just works
 
     return wrapper

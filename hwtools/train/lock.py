@@ -75,6 +75,9 @@ def check_run_lock(run_dir: Path) -> None:
         raise _refuse(path, holder)
 
 
+_held: set[Path] = set()  # the locks this process took: released when its recipe ends (cli_main) or at exit
+
+
 def acquire_run_lock(run_dir: Path) -> Path:
     """Take the run folder's lock (taking over a stale one with a warning); released at interpreter exit."""
     path = Path(run_dir) / LOCK_FILE
@@ -108,6 +111,7 @@ def _link_lock(tmp: Path, path: Path) -> Path:
                       f"(that process is gone)", file=sys.stderr, flush=True)
             path.unlink(missing_ok=True)
             continue
+        _held.add(path)
         atexit.register(release_run_lock, path)
         return path
     raise _refuse(path, _read(path))
@@ -118,3 +122,10 @@ def release_run_lock(path: Path) -> None:
     holder = _read(path)
     if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
         Path(path).unlink(missing_ok=True)
+
+
+def release_held_locks() -> None:
+    """Release every lock this process took: its run is over (done, refused or stopped), even if the interpreter
+    goes on (a recipe's main() called in-process)."""
+    while _held:
+        release_run_lock(_held.pop())
