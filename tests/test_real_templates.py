@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from hwtools.data_report import DataReport
 from hwtools.llm import data as D
 from hwtools.llm.hub_folder import gemma2_vocab_from_gemma3, write_random_model
 from hwtools.llm.templates import GEMMA2_IT_CHAT_TEMPLATE, LLAMA32_INSTRUCT_CHAT_TEMPLATE, render_chat
+from tests.test_llm_recipe import run_main
 from tests.tiny_models import build_tiny_tokenizer, one_torch_thread, tiny_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,19 +190,6 @@ def test_sharded_llama_folder_loads_like_a_hub_download(llama_tok, tmp_path):
                                                   count_parameters(lora)["trainable"])
 
 
-def _run_train_llm(argv):
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import train_llm
-    finally:
-        sys.path.pop(0)
-    train_llm.main(argv)
-
-
 @pytest.mark.integration
 def test_gemma2_it_folder_trains_merges_system_turns_and_reloads(gemma2_tok, tmp_path):
     from hwtools.llm.evaluate import load_test_prompts
@@ -217,7 +204,7 @@ def test_gemma2_it_folder_trains_merges_system_turns_and_reloads(gemma2_tok, tmp
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in rows), encoding="utf-8")
     out = tmp_path / "run"
-    _run_train_llm(["--model", str(folder), "--method", "lora", "--data", str(data), "--max-steps", "1",
+    run_main(["--model", str(folder), "--method", "lora", "--data", str(data), "--max-steps", "1",
                     "--batch-size", "1", "--max-length", "512", "--chrf-samples", "0", "--gen-max-new-tokens", "2",
                     "--val-frac", "0.1", "--test-frac", "0.1", "--output-dir", str(out), "--report-to", "none"])
     summary = json.loads((out / "summary.json").read_text())
