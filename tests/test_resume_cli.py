@@ -253,6 +253,9 @@ def test_llm_sigterm_mid_epoch_stops_cleanly_and_resumes_to_the_same_run(llm_inp
         assert latest_step(out) == 4 and (out / "config.json").exists()  # --overwrite removed nothing
     finally:
         proc.send_signal(signal.SIGCONT)
+    # past step 4 first: a SIGTERM landing before step 5 ends stops at step 4, whose checkpoint already exists,
+    # so no stop checkpoint would be written for the second signal to hit
+    wait_for(lambda: max_logged_step(out) >= 5, proc, log)
     proc.send_signal(signal.SIGTERM)
     # the stop's own checkpoint (not a periodic one) being written: a second signal must not break it
     wait_for(lambda: any((p / "loop_state.json").exists() for p in ckpts.glob(".tmp-step-*")), proc, log)
