@@ -121,8 +121,10 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
 
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     head = base.get_output_embeddings()
-    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
-    rows = chunk_size or max(1, _LOGITS_PER_CHUNK // head.weight.shape[0])
+    text_config = base.config.get_text_config()
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    # the vocabulary from the config: under PEFT's trainable-tokens wrapper `head.weight` builds a merged copy
+    rows = chunk_size or max(1, _LOGITS_PER_CHUNK // text_config.vocab_size)
     total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, rows):
         h, t = selected[start : start + rows], targets[start : start + rows]

@@ -6,13 +6,14 @@ Memory model (bytes; `dtype` = --dtype, B = its size, F = 4 for fp32):
   them). QLoRA: the base Linear layers bitsandbytes quantises (all but the LM head) at NF4 with double quantisation,
   NF4_BITS_PER_PARAM bits each; everything else fp32, because `prepare_model_for_kbit_training` upcasts it.
 - gradients: one per trainable parameter, at that parameter's dtype.
-- master weights: an fp32 copy of trainable parameters stored in 16 bits (partial/full in bf16/fp16: mixed-precision
-  training keeps fp32 master weights; adapters already are fp32).
+- master weights: an fp32 copy of trainable parameters stored in 16 bits. None in practice: adapters are fp32 and
+  partial/full tuning cast their trained weights to fp32 (`keep_trained_weights_fp32`).
 - optimizer: AdamW's two fp32 moments per trainable parameter (8 bytes).
 - activations: what autograd saves for backward, per decoder layer (`layer_activation_bytes`, derived by listing the
   tensors each op of a Llama/Gemma decoder layer saves; tests/test_plan.py checks it against the tensors autograd
   really saves), plus the final norm. With gradient checkpointing each layer keeps only its input and one layer at a
-  time is recomputed. Activations are in `dtype` (QLoRA: fp32, its upcast embeddings carry fp32 through the stack);
+  time is recomputed. Activations are in `dtype` (QLoRA: fp32, its upcast embeddings carry fp32 through the stack;
+  full: fp32, its trained weights are kept in fp32; partial: `dtype`, its four fp32 blocks are not modelled);
   RMSNorm and softmax work in fp32 whatever the dtype.
 - logits: hwtools computes the loss on label positions only, in checkpointed chunks of at most LOGITS_PER_CHUNK logits
   (hwtools/llm/loss.py), so one chunk is alive at a time: rows x vocab x 4 x 3 (fp32 log-softmax, its gradient and
@@ -323,7 +324,9 @@ def plan_method(
     cfg = dataclasses.replace(method_cfg, method="lora") if quantise else method_cfg
     model = _apply_quietly(model, cfg)
     counts = count_parameters(model)
-    act_bytes = FP32 if quantise else dtype.itemsize
+    # QLoRA's upcast embeddings carry fp32 through the stack; full tuning keeps every weight in fp32 (see
+    # keep_trained_weights_fp32), so it computes in fp32 whatever --dtype says
+    act_bytes = FP32 if quantise or method_cfg.method == "full" else dtype.itemsize
     memory = state_bytes(model, quantise_4bit=quantise)
     # CUDA's fused dropout keeps a bool mask; CPU multiplies by a mask in the input's dtype (LoRA: the fp32 adapter's)
     mask_bytes = 1 if device == "cuda" else FP32
