@@ -14,6 +14,9 @@ from typing import Optional
 
 from hwtools.errors import UserError
 
+# the value of --model, --data and --encoder that selects the offline embedded defaults
+EMBEDDED = "embedded"
+
 
 def default_cache_dir() -> str:
     """Where converted models, generated data sets and feature caches live (HWTOOLS_CACHE overrides)."""

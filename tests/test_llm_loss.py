@@ -77,20 +77,13 @@ def test_logits_exist_only_for_one_chunk_of_label_positions(tiny_dirs, tmp_path)
 
 
 def _packed_batch(tok, chats):
-    """Two chats in one row with a block-diagonal causal float mask and restarting position ids."""
+    """Two chats in one row as collate_packed makes them: restarting position ids and no attention mask (transformers
+    builds the block-diagonal causal mask from the position ids)."""
     rows = [tiny_chat_batch(tok, [c]) for c in chats]
     ids = torch.cat([r["input_ids"][0] for r in rows])[None]
     labels = torch.cat([r["labels"][0] for r in rows])[None]
-    lengths = [r["input_ids"].shape[1] for r in rows]
-    total = sum(lengths)
-    allowed = torch.zeros(total, total, dtype=torch.bool)
-    start = 0
-    for n in lengths:
-        allowed[start : start + n, start : start + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        start += n
-    mask = torch.zeros(1, 1, total, total).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}, rows
+    positions = torch.cat([torch.arange(r["input_ids"].shape[1]) for r in rows])[None]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}, rows
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -99,7 +92,7 @@ def test_packed_rows_give_the_loss_of_separate_rows(arch, tiny_dirs, tmp_path):
     packed, rows = _packed_batch(tok, [CHATS[0], CHATS[2]])
     with torch.no_grad():
         loss, n = causal_lm_loss(model, packed)
-        reference = model(**packed).loss
+        reference = model(**packed, use_cache=False).loss
         separate = [causal_lm_loss(model, r) for r in rows]
     # each chat's first token already carries no label (it is the prompt), so no target crosses the boundary
     expected = sum(l.item() * k for l, k in separate) / sum(k for _, k in separate)

@@ -22,7 +22,9 @@ from PIL import Image, ImageOps
 from hwtools.caption import synthetic
 from hwtools.caption.vocab import Vocab, clean_caption
 from hwtools.data_report import DataReport
+from hwtools.config import EMBEDDED
 from hwtools.errors import UserError
+from hwtools.hub import looks_like_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +57,12 @@ OFFICIAL_LIST_DIRS = ("Flickr8k_text", ".")
 def load_captions(data: str, report: DataReport, cache_dir) -> dict[str, list[str]]:
     """{image path: raw captions} from `embedded`, a Flickr8k folder (original or Kaggle), or a hub id/datasets dir."""
     cache_dir = Path(cache_dir).expanduser()
-    if data == "embedded":
+    if data == EMBEDDED:
         folder = synthetic.ensure_embedded(cache_dir)
     else:
         folder = Path(data).expanduser()
     if not folder.exists():
-        if _looks_like_hub_id(data):
+        if looks_like_hub_id(data):
             items = _load_datasets(data, report, cache_dir)
             return _require_usable(items, data, report)
         raise UserError(f"{data}: no such folder (expected a Flickr8k folder, `embedded`, or a hub id)")
@@ -148,10 +150,6 @@ def _load_kaggle(captions_file: Path, images_dir: Path, report: DataReport) -> d
             caption = ",".join(row[caption_col:]) if join_rest else row[caption_col]
             _add(items, images_dir / row[image_col].strip(), caption, where, checker, report)
     return items
-
-
-def _looks_like_hub_id(data: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", data)) and not data.startswith((".", "/", "~"))
 
 
 def _load_datasets(data: str, report: DataReport, cache_dir: Path) -> dict[str, list[str]]:
@@ -309,7 +307,7 @@ def split_by_image(items: dict, fracs=(0.8, 0.1, 0.1), seed: int = 42) -> dict[s
 
 def data_folder(data: str, cache_dir) -> Path | None:
     """The local folder behind `data` (the embedded set's generated folder), or None for a hub id."""
-    if data == "embedded":
+    if data == EMBEDDED:
         return synthetic.ensure_embedded(Path(cache_dir).expanduser())
     folder = Path(data).expanduser()
     return folder if folder.is_dir() else None

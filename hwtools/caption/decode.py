@@ -1,4 +1,4 @@
-"""Caption generation from image features: greedy (the seed's default) and beam search, both batched.
+"""Caption generation from image features: greedy (the default) and beam search, both batched.
 
 `model` is an ImageCaptioningModel or a bare decoder: anything with `init_state(features)` and
 `step(tokens, state) -> (logits, state, alpha|None)` whose state tensors are batch-first. Returned ids hold the

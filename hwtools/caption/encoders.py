@@ -13,9 +13,9 @@ import timm
 import torch
 from torch import nn
 
+from hwtools.config import EMBEDDED
 from hwtools.errors import UserError
 
-EMBEDDED = "embedded"
 EMBEDDED_TIMM_NAME = "tf_efficientnet_lite0"
 OUTPUT_KINDS = ("pooled", "spatial")
 

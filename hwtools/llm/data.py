@@ -10,13 +10,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from hwtools.data_report import DataReport
+from hwtools.config import EMBEDDED
 from hwtools.errors import UserError
+from hwtools.hub import looks_like_hub_id
 from hwtools.llm.templates import render_chat
 
 ASSETS = Path(__file__).parent / "assets"
@@ -249,20 +250,16 @@ def _rows_from_hub(repo_id: str):
     return rows
 
 
-def _looks_like_hub_id(data: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", data)) and not data.lower().endswith(DATA_SUFFIXES)
-
-
 def read_rows(data: str) -> list[tuple[str, object]]:
     """Raw rows of `data` as (where, row) pairs, where = "file:row"; unparseable JSON Lines lines included."""
-    if data == "embedded":
+    if data == EMBEDDED:
         return _rows_from_jsonl(EMBEDDED_TRAIN) + _rows_from_jsonl(EMBEDDED_TEST)
     path = Path(data).expanduser()
     if path.is_dir():
         return _rows_from_folder(path)
     if path.is_file():
         return _rows_from_file(path)
-    if _looks_like_hub_id(data):
+    if looks_like_hub_id(data, DATA_SUFFIXES):
         return _rows_from_hub(data)
     raise UserError(f"{data}: no such file or folder (and not a hub id like owner/name)")
 

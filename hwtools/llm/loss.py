@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hwtools.errors import UserError
+from hwtools.llm.data import IGNORE_INDEX, loss_index
 
-IGNORE_INDEX = -100
 # target rows per chunk: about 2**26 logits (256 MiB in fp32) per chunk
-_LOGITS_PER_CHUNK = 2**26
+LOGITS_PER_CHUNK = 2**26
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -77,7 +77,7 @@ def _loss_from_model_logits(model, kwargs: dict, labels: torch.Tensor) -> tuple[
 
 def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tuple[torch.Tensor, int]:
     """(mean next-token cross-entropy over label positions, number of label tokens) for a batch with input_ids,
-    labels (-100 = ignored), attention_mask (2D, or 4D for packed rows), optional position_ids and optional
+    labels (-100 = ignored), attention_mask (2D; absent for packed rows), position_ids (packed rows) and optional
     loss_index (hwtools.llm.data.loss_index; without it the index is made here, one host sync).
 
     Equals the model's own `labels=` loss. Works for plain models, PEFT LoRA-family models and soft prompts
@@ -90,9 +90,10 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     inner = _strip_wrappers(model)
     peft_type = _peft_type(inner)
     soft_prompt = peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-    if soft_prompt and attention_mask is not None and attention_mask.dim() == 4:
-        # PEFT extends only 2D masks with the virtual tokens; the recipe does not pack rows for soft prompts
-        raise UserError("packed batches (4D attention masks) are not supported with soft prompts; disable packing")
+    if soft_prompt and attention_mask is None and position_ids is not None:
+        # packed rows attend per example through restarting position ids, which PEFT drops for virtual tokens;
+        # the recipe pads rows for soft prompts
+        raise UserError("packed batches are not supported with soft prompts; use --no-packing")
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None and peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         kwargs["position_ids"] = position_ids  # PEFT ignores them for prepended virtual tokens (with a warning)
@@ -108,8 +109,6 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     offset = hidden.shape[1] - seq_len  # prompt tuning / P-tuning: virtual tokens come first
     index = batch.get("loss_index")
     if index is None:
-        from hwtools.llm.data import loss_index
-
         index = loss_index(labels)
     n_tokens = index.shape[0]  # a shape: known to the host without a sync
     if n_tokens == 0:
@@ -124,7 +123,7 @@ def causal_lm_loss(model, batch: dict, chunk_size: Optional[int] = None) -> tupl
     text_config = base.config.get_text_config()
     softcap = getattr(text_config, "final_logit_softcapping", None)
     # the vocabulary from the config: under PEFT's trainable-tokens wrapper `head.weight` builds a merged copy
-    rows = chunk_size or max(1, _LOGITS_PER_CHUNK // text_config.vocab_size)
+    rows = chunk_size or max(1, LOGITS_PER_CHUNK // text_config.vocab_size)
     total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, n_tokens, rows):
         h, t = selected[start : start + rows], targets[start : start + rows]

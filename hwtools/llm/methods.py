@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from hwtools.errors import UserError
 from hwtools.llm.models import EMBEDDED, find_decoder_layers, load_model_and_tokenizer, unwrap_model
-from hwtools.train.meters import count_parameters
+from hwtools.train.meters import count_parameters, numel_of
 
 METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "lora", "dora", "rslora", "qlora", "partial", "full")
 SOFT_PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
@@ -504,12 +504,6 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
 _LAYER_INDEX = re.compile(r"^(.*?\.\d+)\.")
 
 
-def count_parameters_of(p: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit weights per byte; its quant_state keeps the real shape
-    shape = getattr(getattr(p, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else p.numel()
-
-
 def trainable_groups(model: nn.Module) -> list[tuple[str, int]]:
     """(group, trainable parameters) in model order: one group per decoder layer, else the parameter's module."""
     groups: dict[str, int] = {}
@@ -520,7 +514,7 @@ def trainable_groups(model: nn.Module) -> list[tuple[str, int]]:
         group = m.group(1) if m else name.rsplit(".", 1)[0]
         for prefix in ("base_model.model.", "base_model."):  # PEFT wrappers add these
             group = group[len(prefix):] if group.startswith(prefix) else group
-        groups[group] = groups.get(group, 0) + count_parameters_of(p)
+        groups[group] = groups.get(group, 0) + numel_of(p)
     return list(groups.items())
 
 

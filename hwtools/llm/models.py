@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from hwtools.config import EMBEDDED
 from hwtools.errors import UserError
 
-EMBEDDED = "embedded"
 EMBEDDED_DIRNAME = "embedded-gemma3-270m"
 # a cache dir counts as converted only when all of these exist (the rename makes them appear together)
 _EMBEDDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from hwtools.errors import UserError
-from hwtools.llm.loss import _LOGITS_PER_CHUNK as LOGITS_PER_CHUNK
+from hwtools.llm.loss import LOGITS_PER_CHUNK
 from hwtools.llm.methods import METHODS, MethodConfig, apply_method, needs_4bit, supports_gradient_checkpointing
 from hwtools.llm.models import EMBEDDED, EMBEDDED_DIRNAME, decoder_layers, text_config, unwrap_model
 from hwtools.train.meters import count_parameters

@@ -15,14 +15,15 @@ def count_parameters(model: torch.nn.Module) -> dict:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        n = _numel(p)
+        n = numel_of(p)
         total += n
         if p.requires_grad:
             trainable += n
     return {"total": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
 
 
-def _numel(p: torch.Tensor) -> int:
+def numel_of(p: torch.Tensor) -> int:
+    """Elements of `p` as the model sees them (a 4-bit bitsandbytes weight counts its unpacked shape)."""
     # bitsandbytes packs two 4-bit weights per byte; its Params4bit remembers the real shape in quant_state
     qs = getattr(p, "quant_state", None)
     if qs is not None and getattr(qs, "shape", None) is not None:

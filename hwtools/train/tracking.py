@@ -217,7 +217,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def write_summary(run_dir: Path, **blocks) -> dict:
-    """summary.json with the contract's blocks (see DESIGN.md); missing blocks are written as null/{}."""
+    """summary.json with the contract's blocks (the README's "Every run writes the same files"); missing blocks are
+    written as null/{}."""
     keys = ("task", "method", "arch", "model", "data", "params", "resources", "train", "eval", "test", "data_report")
     summary = {k: blocks.pop(k, None) for k in keys}
     summary.update(blocks)
