@@ -2,6 +2,7 @@
 which torch emulates bf16 and it is slower than fp32: results/bench/cpu_dtype.md) and TF32 matmuls on CUDA."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -59,3 +60,20 @@ def cpu_has_bf16(cpuinfo: Optional[str] = None) -> bool:
         return "AMX" in torch.backends.cpu.get_cpu_capability()
     except AttributeError:
         return False
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def use_cpu_threads(device, requested: int = 0, local_processes: int = 1) -> int:
+    """On a CPU, run `requested` torch threads (0: usable cores / processes on this machine) -> threads in use.
+    `accelerate launch` sets OMP_NUM_THREADS=1 unless its config says use_cpu: true, which the shipped config cannot
+    (it would keep a GPU machine on the CPU), so without this a CPU run leaves every other core idle."""
+    if torch.device(device).type != "cpu":
+        return torch.get_num_threads()
+    if requested < 0:
+        raise ValueError(f"--cpu-threads must be >= 0, got {requested}")
+    torch.set_num_threads(requested or max(1, usable_cores() // max(1, local_processes)))
+    return torch.get_num_threads()

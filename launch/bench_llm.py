@@ -301,7 +301,7 @@ def loop_config(args: BenchLLMArgs, run_dir: Path, bf16: bool, *, steps: Optiona
                       grad_accum=args.grad_accum, lr=lr or args.lr, lr_schedule="cosine", warmup_ratio=0.0,
                       warmup_steps=warmup_steps(steps), max_grad_norm=1.0, log_every=args.log_every,
                       eval_every=0, save_every=10**9, seed=args.seed, report_to="none",
-                      mixed_precision="bf16" if bf16 else "no")
+                      mixed_precision="bf16" if bf16 else "no", cpu_threads=torch.get_num_threads())
 
 
 def trainable_model(make_model: Callable, args: BenchLLMArgs, device: torch.device, method: str = "lora",

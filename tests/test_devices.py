@@ -1,4 +1,5 @@
-"""CPU bf16 detection (AVX512-BF16 / AMX from /proc/cpuinfo) and what --dtype auto makes of it."""
+"""CPU bf16 detection (AVX512-BF16 / AMX from /proc/cpuinfo), what --dtype auto makes of it, CPU threads."""
+import pytest
 import torch
 
 from hwtools.device import cpu_flags, cpu_has_bf16
@@ -26,3 +27,21 @@ def test_dtype_auto_picks_bf16_only_on_a_bf16_cpu(monkeypatch):
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     assert weights_dtype("auto", cpu, "lora") == torch.float32
     assert weights_dtype("bf16", cpu) == torch.bfloat16  # an explicit choice stays
+
+
+def test_cpu_runs_use_every_usable_core_unless_told_otherwise():
+    """accelerate launch leaves OMP_NUM_THREADS=1 (use_cpu: false); the loop spreads the cores over the processes."""
+    from hwtools.device import usable_cores, use_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert use_cpu_threads("cpu", 0, 1) == usable_cores()
+        assert use_cpu_threads("cpu", 0, usable_cores() * 4) == 1
+        assert use_cpu_threads("cpu", 1, 1) == 1
+        torch.set_num_threads(1)
+        assert use_cpu_threads("cuda", 0, 1) == 1  # a GPU run keeps accelerate's setting
+        with pytest.raises(ValueError):
+            use_cpu_threads("cpu", -1, 1)
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,7 @@ checkpoint stays latest.
 from __future__ import annotations
 
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from hwtools.device import enable_tf32
+from hwtools.device import enable_tf32, use_cpu_threads
 from hwtools.errors import RunStopped, UserError
 from hwtools.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hwtools.train.meters import ResourceMeter
@@ -62,6 +63,10 @@ def make_accelerator(cfg, find_unused_parameters: bool = False) -> Accelerator:
     )
     set_seed(cfg.seed)
     enable_tf32(accelerator.device)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    threads = use_cpu_threads(accelerator.device, cfg.cpu_threads, local_processes)
+    if accelerator.device.type == "cpu":
+        accelerator.print(f"CPU: {threads} torch threads per process (--cpu-threads to change)")
     return accelerator
 
 
