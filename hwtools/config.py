@@ -51,7 +51,8 @@ class LoopConfig:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for activation memory."})
     cpu_threads: int = field(default=0, metadata={
-        "help": "Torch threads per process on a CPU (0: usable cores / processes on this machine)."})
+        "help": "Torch threads per process on a CPU (0: OMP_NUM_THREADS, but under accelerate launch, whose default "
+                "is 1, the usable cores / local processes)."})
     report_to: str = field(default="wandb", metadata={
         "help": "wandb (offline into the run dir without an API key) | none (metrics.jsonl is always written)."})
     wandb_project: str = field(default="hwtools", metadata={"help": "W&B project name."})

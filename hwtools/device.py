@@ -67,13 +67,19 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def use_cpu_threads(device, requested: int = 0, local_processes: int = 1) -> int:
-    """On a CPU, run `requested` torch threads (0: usable cores / processes on this machine) -> threads in use.
-    `accelerate launch` sets OMP_NUM_THREADS=1 unless its config says use_cpu: true, which the shipped config cannot
-    (it would keep a GPU machine on the CPU), so without this a CPU run leaves every other core idle."""
+def use_cpu_threads(device, requested: int = 0, local_processes: int = 1, env=None) -> int:
+    """On a CPU, run `requested` torch threads, or with 0 undo `accelerate launch`'s default of one -> threads in use.
+    The launcher sets OMP_NUM_THREADS=1 unless its config says use_cpu: true, which the shipped config cannot (it
+    would keep GPU machines on the CPU), so a CPU run would leave every other core idle; there 0 means usable
+    cores / local processes. A run started without the launcher keeps OMP_NUM_THREADS / torch's default."""
+    env = os.environ if env is None else env
     if torch.device(device).type != "cpu":
         return torch.get_num_threads()
     if requested < 0:
         raise ValueError(f"--cpu-threads must be >= 0, got {requested}")
-    torch.set_num_threads(requested or max(1, usable_cores() // max(1, local_processes)))
+    launched = "ACCELERATE_DYNAMO_BACKEND" in env  # set by every `accelerate launch`, with OMP_NUM_THREADS
+    if requested:
+        torch.set_num_threads(requested)
+    elif launched and env.get("OMP_NUM_THREADS") == "1":  # the launcher's default (or a user's 1: --cpu-threads 1)
+        torch.set_num_threads(max(1, usable_cores() // max(1, local_processes)))
     return torch.get_num_threads()

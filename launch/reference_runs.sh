@@ -22,8 +22,8 @@ if [[ $what == llm || $what == all ]]; then
 fi
 if [[ $what == caption || $what == all ]]; then
   for a in cnn-rnn attention transformer; do
-    OMP_NUM_THREADS=1 launch launch/train_caption.py --arch "$a" --output-dir "results/reference/caption-$a" --overwrite \
-      --seed 42 --epochs 5
+    launch launch/train_caption.py --arch "$a" --output-dir "results/reference/caption-$a" --overwrite \
+      --seed 42 --epochs 5 --cpu-threads 1
   done
 fi
 .venv/bin/python launch/compare.py results/reference/* --output-dir results

@@ -58,7 +58,7 @@ def runs(cache_dir, tmp_path_factory):
         out[arch] = tmp_path_factory.mktemp(f"run-{arch}")
         cmd = (accelerate if arch == "transformer" else [sys.executable]) + [
             "launch/train_caption.py", "--arch", arch, "--cache-dir", str(cache_dir), "--output-dir", str(out[arch]),
-            "--overwrite", *SMALL, "--beam-size", "2" if arch == "attention" else "1"]
+            "--overwrite", *SMALL, "--beam-size", "2" if arch == "attention" else "1", "--cpu-threads", "1"]
         if arch == "attention":  # this one reports to W&B (offline), as runs do by default
             cmd[cmd.index("--report-to") + 1] = "wandb"
         with open(logs / f"{arch}.log", "w") as log:  # a file, not a pipe: a full pipe would stall the run

@@ -33,14 +33,17 @@ def test_cpu_runs_use_every_usable_core_unless_told_otherwise():
     """accelerate launch leaves OMP_NUM_THREADS=1 (use_cpu: false); the loop spreads the cores over the processes."""
     from hwtools.device import usable_cores, use_cpu_threads
 
+    launched = {"ACCELERATE_DYNAMO_BACKEND": "no", "OMP_NUM_THREADS": "1"}
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert use_cpu_threads("cpu", 0, 1) == usable_cores()
-        assert use_cpu_threads("cpu", 0, usable_cores() * 4) == 1
-        assert use_cpu_threads("cpu", 1, 1) == 1
+        assert use_cpu_threads("cpu", 0, 1, launched) == usable_cores()
+        assert use_cpu_threads("cpu", 0, usable_cores() * 4, launched) == 1
+        assert use_cpu_threads("cpu", 1, 1, launched) == 1  # --cpu-threads 1
         torch.set_num_threads(1)
-        assert use_cpu_threads("cuda", 0, 1) == 1  # a GPU run keeps accelerate's setting
+        assert use_cpu_threads("cpu", 0, 1, {"OMP_NUM_THREADS": "1"}) == 1  # plain python: OMP_NUM_THREADS holds
+        assert use_cpu_threads("cpu", 0, 1, {**launched, "OMP_NUM_THREADS": "3"}) == 1  # a user's own value holds
+        assert use_cpu_threads("cuda", 0, 1, launched) == 1  # a GPU run keeps accelerate's setting
         with pytest.raises(ValueError):
             use_cpu_threads("cpu", -1, 1)
     finally:
