@@ -162,7 +162,7 @@ def llm_results_table(r: Report, names: list[str]) -> str:
                      f"{r.get(s, 'json:/test/base_chrf', '.1f')} → {r.get(s, 'json:/test/chrf', '.1f')}",
                      r.get(g, "chrfwins:", "d") if r.has(g) else MISSING])
     return md_table(["method", "trainable", "% of params", "steps", "tokens trained", "train time (s)",
-                     "peak RSS (GB)", "test perplexity base → after", "chrF base → after", "prompts with higher chrF"],
+                     "peak RSS (GiB)", "test perplexity base → after", "chrF base → after", "prompts with higher chrF"],
                     rows)
 
 
@@ -406,6 +406,8 @@ def architecture_context(r: Report) -> None:
                      r.get(a, f"{base}/memory/total_gc / 1073741824", ".2f") if p["memory"].get("total_gc") else "-"])
         c[f"plan_{p['method'].replace('-', '_')}_total"] = r.get(a, f"{base}/memory/total / 1073741824", ".1f")
         c[f"plan_{p['method'].replace('-', '_')}_trainable"] = r.get(a, f"{base}/trainable", ",")
+        c[f"plan_{p['method'].replace('-', '_')}_pct"] = r.get(a, f"{base}/trainable_pct", ".3f")
+        c[f"plan_{p['method'].replace('-', '_')}_act"] = r.get(a, f"{base}/memory/activations / 1073741824", ".2f")
     c["plan_table"] = md_table(["method", "trainable", "%", "weights", "AdamW states", "activations", "total",
                                 "total with grad. checkpointing"], rows)
     s = arch["plan"]["settings"]

@@ -15,14 +15,15 @@ Curve = tuple[Sequence[float], Sequence[float]]
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing moving average over up to `window` points (the first points average what exists so far)."""
+    """Centred moving average over up to `window` points (shorter at the ends), so the line does not lag the data."""
     v = np.asarray(values, dtype=float)
     if window <= 1 or len(v) == 0:
         return v
     c = np.cumsum(np.insert(v, 0, 0.0))
-    idx = np.arange(1, len(v) + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
+    idx = np.arange(len(v))
+    lo = np.maximum(0, idx - window // 2)
+    hi = np.minimum(len(v), idx + window // 2 + 1)
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def loss_panels(runs: Mapping[str, Mapping[str, Curve]], path, title: str = "", xlabel: str = "step",
