@@ -21,12 +21,14 @@ if [[ $what == llm || $what == all ]]; then
   # method packs them (LoRA family, partial, full: ~4 examples per 256-token row) or pads one example per row (the
   # soft prompts, whose virtual tokens belong to one example): every method sees exactly the same tokens, the soft
   # prompts in 3.3x more, smaller steps: 708 examples, 53,408 tokens, 211 packed rows = 27 packed or 89 padded
-  # steps per epoch (results/explore/llm/stats.json -> train_epoch; each run's steps land in its summary.json). A fixed --max-steps instead gave the soft
-  # prompts 40% of the others' tokens. LLM_EPOCHS (default 2) sets the length; evaluation runs about 7 times an
+  # steps per epoch (results/explore/llm/stats.json -> train_epoch; each run's steps land in its summary.json).
+  # A fixed --max-steps instead gave the soft prompts 40% of the others' tokens. LLM_EPOCHS (default 2) sets the length; evaluation runs about 7 times an
   # epoch: every 4 packed steps, every 12 padded ones.
   epochs=${LLM_EPOCHS:-2}
-  budget=(--epochs "$epochs" --batch-size 8 --max-length 256 --seed 42 --log-every 1 --save-every 0
-          --gen-max-new-tokens 96 --chrf-samples 8 --gen-batch-size 8)
+  # the recipe's own defaults otherwise (batch 8, --max-length 256, 96 new tokens per answer, chrF on 8 test
+  # conversations), so the reference runs are what the README's first command does, for longer;
+  # --report-to none: no W&B folder inside the committed run folders
+  budget=(--epochs "$epochs" --seed 42 --log-every 1 --report-to none)
   # Turn tokens (--trainable-tokens; the embedded base never trained <end_of_turn>, so it cannot learn to stop):
   #   soft prompts, partial: the embedding is frozen, no --trainable-tokens choice changes that (auto picks none;
   #     naming tokens is refused), so they cannot learn the end-of-turn row; partial trains layers 0-1 and 16-17 only.
@@ -45,7 +47,7 @@ fi
 if [[ $what == caption || $what == all ]]; then
   for a in cnn-rnn attention transformer; do
     OMP_NUM_THREADS=1 launch launch/train_caption.py --arch "$a" --output-dir "results/reference/caption-$a" --overwrite \
-      --seed 42 --epochs 5
+      --seed 42 --epochs 5 --report-to none
   done
 fi
 # the comparison tables, plots and results/REPORT.md from whatever the runs left there
