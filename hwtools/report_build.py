@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from hwtools.report_plots import loss_panels
 from hwtools.report_sources import Quotes, errors_md_entries
@@ -494,7 +494,6 @@ def caption_context(r: Report) -> None:
     if archs:
         keys = list(r.q.load(summary(f"caption-{archs[0]}"))["test"].get("failures", {}))
         c["caption_failure_table"] = md_table(["architecture"] + [k.replace("_", " ") for k in keys], frows)
-        best, label = "", MISSING
         scored = [(r.q.value(summary(f"caption-{a}"), "json:/test/bleu4"), a) for a in archs]
         best = max(scored)[1]
         r.q.records.append({"source": [summary(f"caption-{a}") for a in archs], "selector": "argmax:/test/bleu4",
