@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from hwtools import plots
+from hwtools.report_plots import loss_panels
 from hwtools.train.tracking import read_metrics
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,18 @@ def loss_curve_series(runs, label: Callable[[dict], str]) -> dict:
     return series
 
 
+def run_curves(run_dir: Path, x: str = "step") -> dict:
+    """{"train": (xs, losses), "eval": (xs, losses)} of one run; an eval logged twice at one step counts once."""
+    curves = {}
+    for split in ("train", "eval"):
+        pts = {}
+        for e in read_metrics(run_dir):
+            if e.get("split") == split and e.get("loss") is not None and e.get(x) is not None:
+                pts[e[x]] = e["loss"]
+        curves[split] = (list(pts), list(pts.values()))
+    return curves
+
+
 def _trainable(summary) -> float:
     value = _get(summary, "params.trainable")
     return float("inf") if value is None else value
@@ -146,8 +159,9 @@ def write_llm_comparison(runs, out_dir: Path) -> Optional[Path]:
     rows = table_rows(runs, LLM_COLUMNS, sort_key=lambda s: (_trainable(s), llm_label(s)))
     md = Path(out_dir) / "llm_comparison.md"
     write_table(LLM_COLUMNS, rows, md, md.with_suffix(".csv"), "Fine-tuning methods compared")
-    plots.loss_curves(loss_curve_series(runs, llm_label), Path(out_dir) / "llm_loss_curves.png", title="LLM loss")
     ordered = sorted(runs, key=lambda r: (_trainable(r[1]), llm_label(r[1])))
+    loss_panels({llm_label(s): run_curves(d) for d, s in ordered}, Path(out_dir) / "llm_loss_curves.png",
+                title="LLM loss per method (fewest trainable parameters first)", xlabel="optimizer step")
     plots.metric_panels(
         [llm_label(s) for _, s in ordered],
         {
@@ -171,7 +185,8 @@ def write_caption_comparison(runs, out_dir: Path) -> Optional[Path]:
     rows = table_rows(runs, CAPTION_COLUMNS, sort_key=lambda s: (order.get(s.get("arch"), 9), str(s.get("arch"))))
     md = Path(out_dir) / "caption_comparison.md"
     write_table(CAPTION_COLUMNS, rows, md, md.with_suffix(".csv"), "Captioning architectures compared")
-    label = lambda s: str(s.get("arch"))  # noqa: E731
-    plots.loss_curves(loss_curve_series(runs, label), Path(out_dir) / "caption_loss_curves.png",
-                      title="Captioning loss")
+    ordered = sorted(runs, key=lambda r: (order.get(r[1].get("arch"), 9), str(r[1].get("arch"))))
+    loss_panels({str(s.get("arch")): run_curves(d, x="epoch") for d, s in ordered},
+                Path(out_dir) / "caption_loss_curves.png", title="Captioning loss per architecture",
+                xlabel="epoch", cols=3)
     return md

@@ -5,7 +5,8 @@
 Prints what the rows look like (keys, role names, weights), how many rows are usable and why others are skipped, the
 turn structure, character and token length percentiles (for --tokenizer, with its chat template and assistant-only
 labels, exactly as training tokenises) and three sample conversations; writes token_lengths.png (or
-char_lengths.png without a tokenizer) and stats.json to --output-dir.
+char_lengths.png without a tokenizer) and stats.json (the samples included) to --output-dir.
+`--output-dir results/explore/llm` is the committed copy that results/REPORT.md reads.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class ExploreArgs:
     output_dir: str = field(default="", metadata={"help": "default results/runs/llm-explore-<timestamp>"})
     max_length: int = field(default=256, metadata={"help": "report how many conversations exceed this many tokens"})
     samples: int = field(default=3, metadata={"help": "sample conversations to print"})
+    batch_size: int = field(default=8, metadata={"help": "report the optimizer steps of one epoch at this batch"})
     seed: int = field(default=42, metadata={"help": "seed of the split and of the samples"})
     cache_dir: str = field(default_factory=default_cache_dir, metadata={
         "help": "where the converted embedded model lives (env HWTOOLS_CACHE)"})
@@ -147,6 +149,26 @@ def token_stats(tokenizer, label: str, convs, max_length: int) -> tuple[dict, li
     }, lengths
 
 
+def render_marked(tokenizer, turns) -> str:
+    """The conversation as the chat template renders it, with the labelled (trained) text between ⟦ and ⟧."""
+    segments = llm_data.render_segments(tokenizer, turns)
+    if isinstance(segments, str):
+        return segments
+    return "".join(f"⟦{text}⟧" if labelled else text for text, labelled in segments)
+
+
+def epoch_shape(tokenizer, train_convs, max_length: int, batch_size: int) -> dict:
+    """What one epoch of the training split is: examples, real tokens, and the packed blocks they fill (packing
+    keeps examples whole, so packed and unpacked epochs hold the same tokens in fewer rows)."""
+    examples = llm_data.tokenize_all(tokenizer, train_convs, max_length, DataReport())
+    blocks = len(llm_data.pack_examples(examples, max_length))
+    return {"max_length": max_length, "batch_size": batch_size, "examples": len(examples),
+            "packed_steps": -(-blocks // batch_size), "padded_steps": -(-len(examples) // batch_size),
+            "tokens": int(sum(len(e["input_ids"]) for e in examples)),
+            "label_tokens": int(sum(sum(x != llm_data.IGNORE_INDEX for x in e["labels"]) for e in examples)),
+            "packed_blocks": blocks}
+
+
 def _print_conversation(i: int, turns) -> None:
     print(f"--- sample {i} ({sum(t['role'] == 'assistant' for t in turns)} exchange(s))")
     for t in turns:
@@ -200,9 +222,13 @@ def explore(args: ExploreArgs) -> dict:
               f"(skipped even after truncation: {stats['tokens'][f'skipped_at_max_length_{args.max_length}']})")
         plots.histogram(lengths, out / "token_lengths.png", title=f"{args.data}: tokens per conversation",
                         xlabel="tokens (chat template applied)")
+        stats["rendered_sample"] = render_marked(tokenizer, convs[0])
+        stats["train_epoch"] = epoch_shape(tokenizer, splits["train"], args.max_length, args.batch_size)
+        print(f"train split at --max-length {args.max_length}: {json.dumps(stats['train_epoch'])}")
 
     rng = random.Random(args.seed)
-    for i, turns in enumerate(rng.sample(convs, min(args.samples, len(convs))), start=1):
+    stats["samples"] = rng.sample(convs, min(args.samples, len(convs)))
+    for i, turns in enumerate(stats["samples"], start=1):
         _print_conversation(i, turns)
     (out / "stats.json").write_text(json.dumps({"args": asdict(args), **stats}, ensure_ascii=False, indent=2))
     print(f"wrote {out}")

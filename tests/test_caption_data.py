@@ -301,6 +301,13 @@ def test_explore_cli_writes_figures_and_stats(tmp_path, capsys, monkeypatch):
     pct = stats["length_percentiles"]
     assert 3 <= pct["p50"] <= pct["p90"] <= pct["p99"] <= pct["p100"] <= 30
     assert f"vocabulary size {stats['vocab_size']}" in printed and "p99" in printed and "--max-len" in printed
+    # the most frequent words are counted over every caption (the assignment's figure), not the train split only
+    from hwtools.caption.vocab import word_counts
+    from hwtools.data_report import DataReport
+    items = cdata.load_captions(str(root), DataReport(), str(tmp_path))
+    all_counts = word_counts([c for caps in items.values() for c in caps])
+    assert stats["top_words"] == [list(x) for x in all_counts.most_common(20)]
+    assert len(stats["samples"]) == 5 and all(s["caption"] for s in stats["samples"])
     with pytest.raises(SystemExit) as e:
         mod.main(["--data", str(tmp_path / "nowhere"), "--output-dir", str(out)])
     assert e.value.code == 2

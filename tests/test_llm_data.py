@@ -460,6 +460,12 @@ def test_explore_with_a_tokenizer_writes_histogram_and_stats(tmp_path, capsys):
     assert 0.1 < stats["tokens"]["label_token_share"] < 0.9
     assert stats["tokens"]["tokens"]["p50"] <= stats["tokens"]["tokens"]["p100"]
     assert (tmp_path / "out" / "token_lengths.png").stat().st_size > 5000
+    # what the report quotes: samples, the rendered template with its trained text marked, one epoch's shape
+    assert len(stats["samples"]) == 3 and stats["rendered_sample"].count("⟦") >= 1
+    epoch = stats["train_epoch"]
+    assert 0 < epoch["examples"] <= stats["splits"]["train"] and epoch["batch_size"] == 8
+    assert epoch["packed_steps"] == -(-epoch["packed_blocks"] // 8) < epoch["padded_steps"] == -(-epoch["examples"] // 8)
+    assert epoch["label_tokens"] < epoch["tokens"] <= epoch["packed_blocks"] * 128
 
 
 def test_explore_without_tokenizer_and_on_bad_data(tmp_path, capsys):
