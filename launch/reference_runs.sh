@@ -22,8 +22,9 @@ if [[ $what == llm || $what == all ]]; then
   # soft prompts, whose virtual tokens belong to one example): every method sees exactly the same tokens, the soft
   # prompts in 3.3x more, smaller steps: 708 examples, 53,408 tokens, 211 packed rows = 27 packed or 89 padded
   # steps per epoch (results/explore/llm/stats.json -> train_epoch; each run's steps land in its summary.json).
-  # A fixed --max-steps instead gave the soft prompts 40% of the others' tokens. LLM_EPOCHS (default 1: about 13 min of LoRA training on 2 CPU cores) sets the
-  # length; evaluation runs about 7 times an epoch: every 4 packed steps, every 12 padded ones.
+  # A fixed --max-steps instead gave the soft prompts 40% of the others' tokens. LLM_EPOCHS (default 1: about 13 min
+  # of LoRA training per method on 2 CPU cores) sets the length; evaluation runs about 7 times an epoch: every 4
+  # packed steps, every 12 padded ones.
   epochs=${LLM_EPOCHS:-1}
   # the recipe's own defaults otherwise (batch 8, --max-length 256, 96 new tokens per answer, chrF on 8 test
   # conversations), so the reference runs are what the README's first command does, for longer;
