@@ -7,11 +7,14 @@ so a LoRA checkpoint of a 2B model is megabytes, not gigabytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from hwtools.errors import EXIT_SAVE_FAILED, RunStopped, UserError
 
@@ -19,6 +22,28 @@ LATEST = "latest"
 LOOP_STATE = "loop_state.json"
 # Test hook: seconds to sleep inside a save, before the rename, so a test can kill a run mid-save.
 SLOW_SAVE_ENV = "HWTOOLS_TEST_SLOW_SAVE"
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: exactly what a checkpoint's loop_state.json holds (these keys, in this order)."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # the epoch in progress
+    batches_in_epoch: int = 0  # batches of that epoch trained on, per process: a resume skips them
+    # the train loss since the last log line: step losses read from the device so far (summed), and steps counted
+    window: dict = field(default_factory=lambda: {"loss_sum": 0.0, "steps": 0})
+    last_logged: Optional[float] = None  # the last logged train loss
+    num_processes: int = 1  # batches_in_epoch counts one process's batches: a resume needs as many processes
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoopState":
+        """Parse loop_state.json; a key an older checkpoint lacks keeps its default."""
+        saved = json.loads(text)
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -33,13 +58,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, keep: int) -> Path:
-    """Save model, optimiser, scheduler, RNG states and `loop_state`; keep only the newest `keep` checkpoints.
+def save_checkpoint(accelerator, ckpt_root: Path, state: LoopState, keep: int) -> Path:
+    """Save model, optimiser, scheduler, RNG states and the loop `state` as checkpoint step-<state.step>; keep only
+    the newest `keep` checkpoints.
 
     A save that fails on any rank (no space left, permission denied) removes what it wrote, leaves `latest` naming the
     last good checkpoint, and raises RunStopped (exit 74) on every rank, with one line naming the path and the cause.
     """
-    ckpt_root = Path(ckpt_root)
+    ckpt_root, step = Path(ckpt_root), state.step
     final = ckpt_root / f"step-{step:08d}"
     n = 0
     while final.exists():  # re-saving a step (epoch end after a periodic save) never touches what `latest` names
@@ -64,7 +90,7 @@ def save_checkpoint(accelerator, ckpt_root: Path, step: int, loop_state: dict, k
     _check_saved(accelerator, failed, tmp, None)
     if accelerator.is_main_process:
         try:
-            (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1), encoding="utf-8")
+            (tmp / LOOP_STATE).write_text(state.to_json(), encoding="utf-8")
             delay = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
             if delay:
                 time.sleep(delay)
@@ -176,11 +202,11 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
+def load_checkpoint(accelerator, path: Path) -> LoopState:
     """Restore everything `save_checkpoint` saved; return the loop state."""
     handle = accelerator.register_load_state_pre_hook(_check_trained_tensors)
     try:  # strict=False: frozen weights are not in the checkpoint, they stay as loaded from the base model
         accelerator.load_state(str(path), strict=False)
     finally:
         handle.remove()
-    return json.loads((Path(path) / LOOP_STATE).read_text(encoding="utf-8"))
+    return LoopState.from_json((Path(path) / LOOP_STATE).read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from hwtools.device import enable_tf32, use_cpu_threads
 from hwtools.errors import RunStopped, UserError
-from hwtools.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from hwtools.train.checkpoint import LoopState, load_checkpoint, resolve_resume, save_checkpoint
 from hwtools.train.meters import ResourceMeter
 from hwtools.train.preempt import StopSignals, signal_name
 from hwtools.train.tracking import Tracker
@@ -208,6 +208,7 @@ def train(
     evaluation loss a proper weighted mean. `count_fn(batch)` counts items for throughput (default: batch size).
     `on_epoch_end(model, epoch, step)` runs on every rank after each epoch (e.g. caption a validation image).
     """
+    # ------------------------------------------------------------------------------------------------ set up
     count_fn = count_fn or _default_count
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -221,155 +222,99 @@ def train(
     # not prepared: accelerate would step a prepared scheduler once per process per step
     scheduler = build_scheduler(optimizer, cfg, n_steps)
     accelerator.register_for_checkpointing(scheduler)
-    ckpt_root = Path(run_dir) / "checkpoints"
 
-    step, epoch, skip, preempted = 0, 0, 0, None
-    # train loss averaged over the steps since the last log line: loss_sum holds what was read from the device so
-    # far, `health` the rest (and the first step with a non-finite loss)
-    window = {"loss_sum": 0.0, "steps": 0}
-    health = _DeviceHealth(accelerator)
-    last_logged = None
+    # ------------------------------------------------------------------------------------------------ resume
+    state = LoopState(num_processes=accelerator.num_processes)
     if cfg.resume:
         path = resolve_resume(cfg.resume, run_dir)
-        state = load_checkpoint(accelerator, path)
-        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-        window, last_logged = state["window"], state.get("last_logged")
-        tracker.truncate_after(step)
-        accelerator.print(f"resumed from {path} at step {step} (epoch {epoch}, batch {skip})")
-
-    def loop_state(ep, batches):
-        window["loss_sum"] += health.take_loss_sum()
-        return {"step": step, "epoch": ep, "batches_in_epoch": batches, "window": window, "last_logged": last_logged,
-                "num_processes": accelerator.num_processes}
-
-    meter = ResourceMeter(accelerator.device)
-    meter.reset_peak()
-    eval_loss, stopped, eval_done_at, saved_at = None, None, -1, step
-    bar = tqdm(total=n_steps, initial=step, disable=not accelerator.is_local_main_process, desc="train")
-    model.train()
-    meter.start()
+        # the resume check made sure the processes are as many as the checkpoint's (older ones do not say)
+        state = replace(load_checkpoint(accelerator, path), num_processes=accelerator.num_processes)
+        tracker.truncate_after(state.step)
+        accelerator.print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch "
+                          f"{state.batches_in_epoch})")
     # a signal only sets a flag: the step and the save in progress complete
-    with StopSignals() as stop, _closed_on_stop(accelerator, bar, tracker):
-        while step < n_steps and stopped is None and preempted is None:
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            loader = train_loader
-            if skip:  # resume mid-epoch: same (seed, epoch) order, minus the batches already trained on
-                loader = accelerator.skip_first_batches(train_loader, skip)
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-            batches, skip = skip, 0
-            n_batches = _length(train_loader)
-            for batch in _rng_neutral_batches(loader):
-                if step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
+    signals = StopSignals()
+    run = _Run(accelerator, model, cfg, tracker, run_dir, state, n_steps, steps_per_epoch, eval_loader, loss_fn,
+               signals)
+
+    # ------------------------------------------------------------------------------------------------ train
+    model.train()
+    run.meter.start()
+    with signals, _closed_on_stop(accelerator, run.bar, tracker):
+        while state.step < n_steps and not run.ended:
+            epoch = _Epoch(accelerator, train_loader, state.epoch, skip=state.batches_in_epoch)
+            for batch in epoch:
+                if state.step >= n_steps:  # checked before a batch, so an epoch that ends on the last step still ends
                     break
-                batches += 1
+                # forward and backward; every grad_accum-th micro-batch (and an epoch's last) also steps the optimizer
+                state.batches_in_epoch += 1
                 with accelerator.accumulate(model):
                     with accelerator.autocast():  # the loss may run part of the model (llm: the LM head) itself
                         loss, _ = _split_loss(loss_fn(model, batch))
-                    health.add_micro(loss, step + 1)
+                    run.health.add_micro(loss, state.step + 1)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        nxt = step + 1
-                        will_log = nxt % cfg.log_every == 0 or nxt == n_steps
-                        will_save = cfg.save_every > 0 and nxt % cfg.save_every == 0
-                        # the steps whose state may be saved or logged read the flag before their update
-                        if will_log or will_save or batches == n_batches:
-                            stopped = health.non_finite()
-                            if stopped is not None:
-                                break
+                        if run.stops_before_update(ends_epoch=state.batches_in_epoch == epoch.length):
+                            break
                         if cfg.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                meter.add(count_fn(batch))
-                if not accelerator.sync_gradients:
+                run.meter.add(count_fn(batch))
+                if not accelerator.sync_gradients:  # mid accumulation: the optimizer did not step
                     continue
                 lr = scheduler.get_last_lr()[0]  # the rate this step was taken with
                 scheduler.step()
-                step += 1
-                bar.update(1)
-                health.end_step()
-                window["steps"] += 1
-                will_eval = (cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == n_steps)
-                             and eval_loader is not None)
-                pause = will_log or will_eval or will_save
-                if pause:  # the clock stops (and waits for the device) only where the host waits anyway
-                    meter.stop()
-                if will_log:
-                    window["loss_sum"] += health.take_loss_sum()
-                    last_logged = window["loss_sum"] / window["steps"]
-                    tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
-                                 "loss": last_logged, "lr": lr})
-                    bar.set_postfix(loss=f"{last_logged:.4f}")
-                    window = {"loss_sum": 0.0, "steps": 0}
-                if will_eval:
-                    eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
-                                                            steps_per_epoch), step
-                if will_save:
-                    stopped = health.non_finite()
-                    if stopped is not None:
-                        break
-                    save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
-                    saved_at = step
-                preempted = stop.agreed(accelerator)  # the same on every rank: all stop after the same step
-                if preempted is not None:
+                state.step += 1
+                run.bar.update(1)
+                # after the optimizer step: log, evaluate, save where due; agree on a stop signal
+                run.after_step(lr)
+                if run.ended:
                     break
-                if pause:
-                    meter.start()
-            else:  # the epoch ran to its end
-                meter.stop()
-                stopped = health.non_finite()
-                if stopped is not None:
-                    break
-                epoch += 1
-                if cfg.eval_every == 0 and eval_loader is not None and eval_done_at != step:
-                    eval_loss, eval_done_at = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step,
-                                                            steps_per_epoch), step
-                if on_epoch_end is not None:
-                    on_epoch_end(model, epoch, step)
-                preempted = stop.agreed(accelerator)
-                # the epoch-end state supersedes a save of this step; a stop needs it saved
-                if cfg.save_every == 0 or step >= n_steps or saved_at == step or preempted is not None:
-                    save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, 0), cfg.save_total_limit)
-                    saved_at = step
-                meter.start()
-                continue
-            # left the epoch early (max steps reached, a stop signal, or a non-finite loss: then the last good
-            # checkpoint stays latest)
-            meter.stop()
-            if stopped is None:
-                stopped = health.non_finite()
-            if stopped is None and saved_at != step:
-                save_checkpoint(accelerator, ckpt_root, step, loop_state(epoch, batches), cfg.save_total_limit)
-                saved_at = step
-        if preempted is None and stopped is None:  # a signal during the last step: training is done, evaluation is not
-            preempted = stop.agreed(accelerator)
-        if preempted is not None:
-            meter.stop()
-            _stop_on_signal(accelerator, tracker, ckpt_root, step, preempted)
-    meter.stop()
-    bar.close()
+            # the epoch ran to its end, or the loop left it (last step, stop signal, non-finite loss)
+            if epoch.finished:
+                run.end_of_epoch(on_epoch_end)
+            else:
+                run.left_epoch_early()
+        if not run.ended:  # a signal during the last step: training is done, evaluation is not
+            run.preempted = signals.agreed(accelerator)
+        if run.preempted is not None:
+            _stop_on_signal(accelerator, tracker, run.ckpt_root, state.step, run.preempted)
+    run.meter.stop()
+    run.bar.close()
 
-    if stopped is not None:
-        accelerator.print(f"stopped: {stopped}; the last good checkpoint is kept in {ckpt_root}")
-        tracker.log({"step": step, "split": "train", "event": "stopped", "reason": stopped})
-    elif eval_loader is not None and eval_done_at != step:
-        eval_loss = _eval_and_log(accelerator, model, eval_loader, loss_fn, tracker, step, steps_per_epoch)
-    if window["steps"] and stopped is None:
-        window["loss_sum"] += health.take_loss_sum()
-        last_logged = window["loss_sum"] / window["steps"]
-    total_items = int(accelerator.reduce(torch.tensor(meter.items, device=accelerator.device), "sum").item())
+    # ------------------------------------------------------------------------------------------------ finish
+    run.finish()
+    total_items = int(accelerator.reduce(torch.tensor(run.meter.items, device=accelerator.device), "sum").item())
     return TrainResult(
         model=accelerator.unwrap_model(model),
-        steps=step,
-        final_loss=last_logged,
-        eval_loss=eval_loss,
-        resources=meter.as_dict(throughput_unit, accelerator.num_processes, total_items,
-                                rank_peaks=meter.peaks_of_all_ranks(accelerator)),
-        stopped_reason=stopped,
+        steps=state.step,
+        final_loss=state.last_logged,
+        eval_loss=run.eval_loss,
+        resources=run.meter.as_dict(throughput_unit, accelerator.num_processes, total_items,
+                                    rank_peaks=run.meter.peaks_of_all_ranks(accelerator)),
+        stopped_reason=run.stopped,
         prepared_model=model,
     )
+
+
+class _Epoch:
+    """One epoch's batches in (seed, epoch) order, minus the `skip` first ones (trained on before a resume);
+    `finished` turns True when the loader runs out, so it stays False when the loop breaks off."""
+
+    def __init__(self, accelerator: Accelerator, loader, epoch: int, skip: int):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        self.length = _length(loader)  # batches of a whole epoch
+        if skip:
+            loader = accelerator.skip_first_batches(loader, skip)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+        self.loader, self.finished = loader, False
+
+    def __iter__(self):
+        yield from _rng_neutral_batches(self.loader)
+        self.finished = True
 
 
 def _length(loader) -> int:
@@ -377,6 +322,136 @@ def _length(loader) -> int:
         return len(loader)
     except TypeError:  # an iterable without a length: its last batch is not known in advance
         return -1
+
+
+class _Run:
+    """The stages of the loop and what they share: the run's parts, its LoopState (what a checkpoint holds) and what
+    no checkpoint holds: the steps last saved and evaluated, and why the run ended early if it did."""
+
+    def __init__(self, accelerator: Accelerator, model, cfg, tracker: Tracker, run_dir: Path, state: LoopState,
+                 n_steps: int, steps_per_epoch: int, eval_loader, loss_fn: LossFn, signals: StopSignals):
+        self.accelerator, self.model, self.cfg, self.tracker = accelerator, model, cfg, tracker
+        self.ckpt_root = Path(run_dir) / "checkpoints"
+        self.state, self.n_steps, self.steps_per_epoch = state, n_steps, steps_per_epoch
+        self.eval_loader, self.loss_fn, self.signals = eval_loader, loss_fn, signals
+        # the step losses not yet read into state.window, and the first step with a non-finite loss
+        self.health = _DeviceHealth(accelerator)
+        self.meter = ResourceMeter(accelerator.device)
+        self.meter.reset_peak()
+        self.bar = tqdm(total=n_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="train")
+        self.saved_at, self.eval_done_at, self.eval_loss = state.step, -1, None
+        self.stopped: Optional[str] = None  # a non-finite loss ended the run: why
+        self.preempted: Optional[int] = None  # a stop signal ended the run: its number
+
+    @property
+    def ended(self) -> bool:
+        """A non-finite loss or a stop signal ended the run."""
+        return self.stopped is not None or self.preempted is not None
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.n_steps
+
+    def saves_at(self, step: int) -> bool:
+        return self.cfg.save_every > 0 and step % self.cfg.save_every == 0
+
+    def evaluates_at(self, step: int) -> bool:
+        return (self.eval_loader is not None and self.cfg.eval_every > 0
+                and (step % self.cfg.eval_every == 0 or step == self.n_steps))
+
+    def stops_before_update(self, ends_epoch: bool) -> bool:
+        """Before the update of a step whose state may be logged or saved: whether a non-finite loss stops the run
+        (that update is then not taken). Other steps do not read the flag: no host sync."""
+        step = self.state.step + 1
+        if self.logs_at(step) or self.saves_at(step) or ends_epoch:
+            self.stopped = self.health.non_finite()
+        return self.stopped is not None
+
+    def after_step(self, lr: float) -> None:
+        """After an optimizer step: log, evaluate and save where due, then agree on a stop signal."""
+        self.health.end_step()
+        self.state.window["steps"] += 1
+        step = self.state.step
+        logs, evals, saves = self.logs_at(step), self.evaluates_at(step), self.saves_at(step)
+        if logs or evals or saves:  # the clock stops (and waits for the device) only where the host waits anyway
+            with self.meter.paused():
+                if logs:
+                    self.log_train_loss(lr)
+                if evals:
+                    self.evaluate_and_log()
+                if saves:
+                    self.stopped = self.health.non_finite()
+                    if self.stopped is not None:
+                        return
+                    self.save()
+        self.preempted = self.signals.agreed(self.accelerator)  # the same on every rank: all stop after the same step
+
+    def end_of_epoch(self, on_epoch_end) -> None:
+        """The epoch ran to its end: evaluate (when evaluation is per epoch), run the task's hook, agree on a stop
+        signal and save, unless a non-finite loss stops the run first."""
+        state, cfg = self.state, self.cfg
+        with self.meter.paused():
+            self.stopped = self.health.non_finite()
+            if self.stopped is not None:
+                return
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            if cfg.eval_every == 0 and self.eval_loader is not None and self.eval_done_at != state.step:
+                self.evaluate_and_log()
+            if on_epoch_end is not None:
+                on_epoch_end(self.model, state.epoch, state.step)
+            self.preempted = self.signals.agreed(self.accelerator)
+            # the epoch-end state supersedes a save of this step; a stop needs it saved
+            if (cfg.save_every == 0 or state.step >= self.n_steps or self.saved_at == state.step
+                    or self.preempted is not None):
+                self.save()
+
+    def left_epoch_early(self) -> None:
+        """The loop left the epoch at its last step or on a stop signal: save where it stands, unless a non-finite
+        loss stopped it (then the last good checkpoint stays latest)."""
+        with self.meter.paused():
+            if self.stopped is None:
+                self.stopped = self.health.non_finite()
+            if self.stopped is None and self.saved_at != self.state.step:
+                self.save()
+
+    def finish(self) -> None:
+        """After training: report a non-finite stop; else evaluate the final model (unless done at this step) and
+        make the steps since the last log line the final train loss."""
+        state = self.state
+        if self.stopped is not None:
+            self.accelerator.print(f"stopped: {self.stopped}; the last good checkpoint is kept in {self.ckpt_root}")
+            self.tracker.log({"step": state.step, "split": "train", "event": "stopped", "reason": self.stopped})
+            return
+        if self.eval_loader is not None and self.eval_done_at != state.step:
+            self.evaluate_and_log()
+        if state.window["steps"]:
+            self.read_losses()
+            state.last_logged = state.window["loss_sum"] / state.window["steps"]
+
+    def read_losses(self) -> None:
+        """Add the step losses still on the device to state.window (a host sync)."""
+        self.state.window["loss_sum"] += self.health.take_loss_sum()
+
+    def log_train_loss(self, lr: float) -> None:
+        """Log the mean train loss since the last log line and start a new window."""
+        state = self.state
+        self.read_losses()
+        state.last_logged = state.window["loss_sum"] / state.window["steps"]
+        self.tracker.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "split": "train",
+                          "loss": state.last_logged, "lr": lr})
+        self.bar.set_postfix(loss=f"{state.last_logged:.4f}")
+        state.window = {"loss_sum": 0.0, "steps": 0}
+
+    def evaluate_and_log(self) -> None:
+        self.eval_loss = evaluate(self.accelerator, self.model, self.eval_loader, self.loss_fn)
+        self.eval_done_at = self.state.step
+        if self.eval_loss is not None:
+            self.tracker.log({"step": self.state.step, "epoch": round(self.state.step / self.steps_per_epoch, 4),
+                              "split": "eval", "loss": self.eval_loss})
+
+    def save(self) -> None:
+        self.read_losses()  # the checkpoint holds the losses of its steps
+        save_checkpoint(self.accelerator, self.ckpt_root, self.state, self.cfg.save_total_limit)
+        self.saved_at = self.state.step
 
 
 class _DeviceHealth:
@@ -447,10 +522,3 @@ def _stop_on_signal(accelerator, tracker, ckpt_root: Path, step: int, signum: in
     line = (f"stopped by {name} after step {step}; checkpoint {ckpt}; continue with the same flags and "
             f"--resume latest" if accelerator.is_main_process else "")
     raise RunStopped(line, 128 + signum)
-
-
-def _eval_and_log(accelerator, model, loader, loss_fn, tracker, step, steps_per_epoch) -> Optional[float]:
-    loss = evaluate(accelerator, model, loader, loss_fn)
-    if loss is not None:
-        tracker.log({"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "eval", "loss": loss})
-    return loss

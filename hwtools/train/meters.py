@@ -4,6 +4,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -66,6 +67,18 @@ class ResourceMeter:
                 torch.cuda.synchronize(self.device)
             self.elapsed += time.perf_counter() - self._start
             self._start = None
+
+    @contextmanager
+    def paused(self):
+        """The clock stopped for the block (logging, evaluation, checkpointing), then running again if it ran before;
+        stopping waits for the device, so pause only where the host waits anyway."""
+        running = self._start is not None
+        self.stop()
+        try:
+            yield
+        finally:
+            if running:
+                self.start()
 
     def add(self, n: int) -> None:
         self.items += int(n)
