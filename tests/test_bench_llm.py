@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import one_torch_thread, tiny_config  # noqa: F401
+from tests.tiny_models import one_torch_thread, tiny_config  # noqa: F401
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 

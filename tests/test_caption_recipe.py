@@ -38,16 +38,8 @@ def load_script(name):
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One embedded set and feature cache for every run of the session."""
-    path = tmp_path_factory.mktemp("caption-cache")
-    synthetic.ensure_embedded(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def runs(cache_dir, tmp_path_factory):
+def runs(caption_cache, tmp_path_factory):
     """{arch: run dir} after a short training run of each arch, all three at once; the transformer goes through
     `accelerate launch`. Only the attention run decodes with beam search too (METEOR's Java start is slow)."""
     accelerate = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
@@ -57,8 +49,9 @@ def runs(cache_dir, tmp_path_factory):
     for arch in ARCHS:
         out[arch] = tmp_path_factory.mktemp(f"run-{arch}")
         cmd = (accelerate if arch == "transformer" else [sys.executable]) + [
-            "launch/train_caption.py", "--arch", arch, "--cache-dir", str(cache_dir), "--output-dir", str(out[arch]),
-            "--overwrite", *SMALL, "--beam-size", "2" if arch == "attention" else "1", "--cpu-threads", "1"]
+            "launch/train_caption.py", "--arch", arch, "--cache-dir", str(caption_cache), "--output-dir",
+            str(out[arch]), "--overwrite", *SMALL, "--beam-size", "2" if arch == "attention" else "1",
+            "--cpu-threads", "1"]
         if arch == "attention":  # this one reports to W&B (offline), as runs do by default
             cmd[cmd.index("--report-to") + 1] = "wandb"
         with open(logs / f"{arch}.log", "w") as log:  # a file, not a pipe: a full pipe would stall the run
@@ -186,9 +179,9 @@ def test_eval_caption_reproduces_the_test_scores(runs, tmp_path, capsys, one_thr
     assert "wrote" in capsys.readouterr().out
 
 
-def test_eval_caption_captions_image_files(runs, cache_dir, tmp_path, capsys):
+def test_eval_caption_captions_image_files(runs, caption_cache, tmp_path, capsys):
     evaluator = load_script("eval_caption")
-    images = sorted((synthetic.ensure_embedded(cache_dir) / synthetic.IMAGES_DIR).iterdir())[:2]
+    images = sorted((synthetic.ensure_embedded(caption_cache) / synthetic.IMAGES_DIR).iterdir())[:2]
     evaluator.main(["--run", str(runs["attention"]), "--output-dir", str(tmp_path), "--beam-size", "1",
                     "--image", *map(str, images)])
     lines = [line for line in capsys.readouterr().out.splitlines() if "\t" in line]

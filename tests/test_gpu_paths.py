@@ -23,7 +23,7 @@ from hwtools.llm.methods import MethodConfig, apply_method, save_finetuned
 from hwtools.llm.models import load_model_and_tokenizer, quantized_device_map, weights_dtype
 from hwtools.train.loop import build_optimizer, make_accelerator, train, use_fused_adamw
 from hwtools.train.tracking import Tracker
-from tests.tiny_models import CHATS, one_torch_thread, save_tiny_model, tiny_chat_batch  # noqa: F401
+from tests.tiny_models import CHATS, one_torch_thread, tiny_chat_batch  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,16 +33,6 @@ def reset_accelerate():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model("gemma2", tmp_path_factory.mktemp("tiny") / "gemma2")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def chat_examples(tok) -> list[dict]:
@@ -87,10 +77,10 @@ def test_shipped_accelerate_config_takes_the_gpu_and_falls_back_to_the_cpu(tmp_p
 
 
 @pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])
-def test_lora_trains_under_bf16_mixed_precision(weights, tiny_dir, tmp_path):
+def test_lora_trains_under_bf16_mixed_precision(weights, tiny_gemma2, tmp_path):
     """accelerate's autocast hands fp32 hidden states back; the LM head (outside the forward) is bf16 for bf16
     weights: the first step used to fail with 'expected m1 and m2 to have the same dtype'."""
-    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path, dtype=weights)
+    model, tok = load_model_and_tokenizer(str(tiny_gemma2), tmp_path, dtype=weights)
     model = apply_method(model, MethodConfig(method="lora", lora_r=4, lora_dropout=0.0), tok, log=None)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = train_steps(model, tok, tmp_path, "bf16")
@@ -104,10 +94,10 @@ def test_lora_trains_under_bf16_mixed_precision(weights, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
 @pytest.mark.parametrize("method", ["partial", "full"])
-def test_16bit_weights_train_their_trained_weights_in_fp32(method, mixed_precision, tiny_dir, tmp_path):
+def test_16bit_weights_train_their_trained_weights_in_fp32(method, mixed_precision, tiny_gemma2, tmp_path):
     """fp16 weights: AdamW's epsilon rounds to zero in fp16 (NaN updates) and bf16 loses small updates: the
     trained weights become fp32, the frozen ones keep the loaded dtype, and training moves every trained weight."""
-    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path, dtype=torch.float16)
+    model, tok = load_model_and_tokenizer(str(tiny_gemma2), tmp_path, dtype=torch.float16)
     model = apply_method(model, MethodConfig(method=method, unfreeze_first=1, unfreeze_last=1), tok, log=None)
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -134,7 +124,7 @@ def test_fp16_adamw_step_would_have_broken_without_fp32_weights():
     assert torch.isfinite(p32).all()
 
 
-def test_qlora_is_placed_on_the_accelerator_device_not_on_cuda_whenever_it_exists(monkeypatch, tiny_dir, tmp_path):
+def test_qlora_is_placed_on_the_accelerator_device_not_on_cuda_whenever_it_exists(monkeypatch, tiny_gemma2, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert quantized_device_map(torch.device("cpu")) == "cpu"
     assert quantized_device_map(torch.device("cuda", 1)) == {"": 1}
@@ -148,11 +138,11 @@ def test_qlora_is_placed_on_the_accelerator_device_not_on_cuda_whenever_it_exist
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     with pytest.raises(RuntimeError, match="stop here"):
-        load_model_and_tokenizer(str(tiny_dir), tmp_path, quantize_4bit=True, device=torch.device("cpu"))
+        load_model_and_tokenizer(str(tiny_gemma2), tmp_path, quantize_4bit=True, device=torch.device("cpu"))
     assert seen["device_map"] == "cpu"
 
 
-def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_dir, tmp_path):
+def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_gemma2, tmp_path):
     """The recipe moves the model first, then the base answers and chrF run (on the device, with the accelerator
     splitting the prompts between processes)."""
     sys.path.insert(0, str(ROOT / "launch"))
@@ -183,7 +173,7 @@ def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_dir,
     monkeypatch.setattr(train_llm, "chrf_on_conversations", chrf)
     reset_accelerate()
     out = tmp_path / "run"
-    train_llm.main(["--method", "lora", "--model", str(tiny_dir), "--output-dir", str(out), "--max-steps", "1",
+    train_llm.main(["--method", "lora", "--model", str(tiny_gemma2), "--output-dir", str(out), "--max-steps", "1",
                     "--batch-size", "2", "--max-length", "96", "--max-train-examples", "8", "--chrf-samples", "1",
                     "--gen-max-new-tokens", "2", "--report-to", "none"])
     reset_accelerate()
@@ -256,18 +246,18 @@ def test_peak_memory_reports_every_rank_and_the_reserved_peak():
 
 
 @pytest.mark.parametrize("method", ["lora", "partial", "full"])
-def test_final_weights_save_from_a_gathered_state_dict(method, tiny_dir, tmp_path):
+def test_final_weights_save_from_a_gathered_state_dict(method, tiny_gemma2, tmp_path):
     """Under FSDP / ZeRO-3 the main process saves a state dict that accelerate gathered on every rank; saved that
     way, final/ holds the same tensors as when the model saves its own."""
     from safetensors.torch import load_file
 
-    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path)
+    model, tok = load_model_and_tokenizer(str(tiny_gemma2), tmp_path)
     model = apply_method(model, MethodConfig(method=method, lora_r=4, unfreeze_first=1, unfreeze_last=1), tok,
                          log=None)
     cfg = MethodConfig(method=method, lora_r=4, unfreeze_first=1, unfreeze_last=1)
-    own = save_finetuned(model, tok, tmp_path / "own", cfg, base_model=str(tiny_dir))
+    own = save_finetuned(model, tok, tmp_path / "own", cfg, base_model=str(tiny_gemma2))
     gathered = {k: v.clone() for k, v in model.state_dict().items()}
-    given = save_finetuned(model, tok, tmp_path / "given", cfg, base_model=str(tiny_dir), state_dict=gathered)
+    given = save_finetuned(model, tok, tmp_path / "given", cfg, base_model=str(tiny_gemma2), state_dict=gathered)
     files = sorted(p.name for p in own.glob("*.safetensors"))
     assert files and files == sorted(p.name for p in given.glob("*.safetensors"))
     for name in files:
@@ -276,12 +266,12 @@ def test_final_weights_save_from_a_gathered_state_dict(method, tiny_dir, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt-tuning", "prefix-tuning"])
-def test_sharded_models_take_the_same_loss_from_their_own_logits(method, monkeypatch, tiny_dir, tmp_path):
+def test_sharded_models_take_the_same_loss_from_their_own_logits(method, monkeypatch, tiny_gemma2, tmp_path):
     """Under FSDP / DeepSpeed the LM head runs inside the model's forward (the weights are whole only there): that
     loss, its token count and its gradients equal the chunked hidden-state path's."""
     import hwtools.llm.loss as loss_mod
 
-    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path)
+    model, tok = load_model_and_tokenizer(str(tiny_gemma2), tmp_path)
     model = apply_method(model, MethodConfig(method=method, lora_r=4, num_virtual_tokens=4), tok, log=None)
     model.eval()  # no dropout: both passes see the same network (gradients still flow)
     batch = tiny_chat_batch(tok)
@@ -331,8 +321,8 @@ def test_recipe_gathers_the_state_dict_only_for_sharded_models():
 # ------------------------------------------------------------------------------------- attention kernels
 
 
-def test_attention_implementation_defaults_and_flag(tiny_dir, tiny_llama, tmp_path):
-    gemma, _ = load_model_and_tokenizer(str(tiny_dir), tmp_path)
+def test_attention_implementation_defaults_and_flag(tiny_gemma2, tiny_llama, tmp_path):
+    gemma, _ = load_model_and_tokenizer(str(tiny_gemma2), tmp_path)
     llama, _ = load_model_and_tokenizer(str(tiny_llama), tmp_path)
     assert gemma.config._attn_implementation == "eager"  # soft-capping
     assert llama.config._attn_implementation == "sdpa"
@@ -342,10 +332,10 @@ def test_attention_implementation_defaults_and_flag(tiny_dir, tiny_llama, tmp_pa
         load_model_and_tokenizer(str(tiny_llama), tmp_path, attn_implementation="fast")
 
 
-def test_flattened_rows_keep_examples_apart_like_packed_rows(tiny_dir, tmp_path):
+def test_flattened_rows_keep_examples_apart_like_packed_rows(tiny_gemma2, tmp_path):
     """collate_flattened (flash-attention's layout) puts a batch of blocks in one row whose position ids restart
     per example; the model's loss on it equals the loss on the same blocks as separate packed rows."""
-    model, tok = load_model_and_tokenizer(str(tiny_dir), tmp_path)
+    model, tok = load_model_and_tokenizer(str(tiny_gemma2), tmp_path)
     blocks = llm_data.pack_examples(chat_examples(tok), 40)
     assert len(blocks) >= 2
     flat = llm_data.collate_flattened(blocks, pad_id=0)
@@ -363,7 +353,7 @@ def test_flattened_rows_keep_examples_apart_like_packed_rows(tiny_dir, tmp_path)
     assert n_a == n_b and abs(a.item() - b.item()) < 1e-5
 
 
-def test_recipe_flattens_packed_batches_under_flash_attention(tiny_dir):
+def test_recipe_flattens_packed_batches_under_flash_attention(tiny_gemma2):
     sys.path.insert(0, str(ROOT / "launch"))
     try:
         import train_llm
@@ -373,7 +363,7 @@ def test_recipe_flattens_packed_batches_under_flash_attention(tiny_dir):
 
     from hwtools.data_report import DataReport
 
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_gemma2)
     convs = [list(c) for c in CHATS] * 3
     for attn, rows in (("flash_attention_2", 1), ("eager", 2)):
         cfg = train_llm.LLMTrainConfig(method="lora", batch_size=2, max_length=64, attn_implementation=attn)

@@ -10,9 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from hwtools.llm import data as D
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.train.loop import train
-from test_llm_loss import method_model, tiny_dirs  # noqa: F401  (fixture)
+from test_llm_loss import method_model
 from test_loop import ToyData, mse, run_toy, toy_model
-from tiny_models import tiny_chat_batch
+from tests.tiny_models import tiny_chat_batch
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "item", "is_nonzero"}
 

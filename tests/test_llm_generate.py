@@ -9,13 +9,7 @@ from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method
 from hwtools.llm.models import load_model_and_tokenizer
 from hwtools.llm.templates import render_chat
-from tiny_models import CHATS, TINY_ARCHS, one_torch_thread, prompts_of, save_tiny_model, tiny_chat_batch  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
+from tests.tiny_models import CHATS, TINY_ARCHS, one_torch_thread, prompts_of, tiny_chat_batch  # noqa: F401
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

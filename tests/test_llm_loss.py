@@ -8,15 +8,9 @@ from hwtools.errors import UserError
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import METHODS, MethodConfig, apply_method, needs_4bit, supports_gradient_checkpointing
 from hwtools.llm.models import load_model_and_tokenizer
-from tiny_models import CHATS, TINY_ARCHS, one_torch_thread, save_tiny_model, tiny_chat_batch  # noqa: F401
+from tests.tiny_models import CHATS, TINY_ARCHS, one_torch_thread, tiny_chat_batch  # noqa: F401
 
 CFG = dict(num_virtual_tokens=5, lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
 
 
 def method_model(tiny_dirs, arch, method, tmp_path):

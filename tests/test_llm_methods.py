@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from hwtools.llm.methods import (
 )
 from hwtools.llm.models import load_model_and_tokenizer
 from hwtools.train.meters import count_parameters
-from tiny_models import (
+from tests.tiny_models import (
     TINY_ARCHS,
     TINY_HEAD_DIM,
     TINY_HEADS,
@@ -36,18 +37,11 @@ from tiny_models import (
     TINY_LAYERS,
     one_torch_thread,  # noqa: F401 - autouse fixture
     prompts_of,
-    save_tiny_model,
     tiny_chat_batch,
 )
 
 CFG = dict(num_virtual_tokens=5, lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
 H, Q, KV, I, L = TINY_HIDDEN, TINY_HEADS * TINY_HEAD_DIM, TINY_KV_HEADS * TINY_HEAD_DIM, TINY_INTERMEDIATE, TINY_LAYERS
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
 
 
 def checksums(model) -> dict[str, str]:
@@ -110,62 +104,167 @@ def train_steps(model, batch, steps=8, lr=1e-2) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_method_trains_only_its_parameters_and_round_trips(arch, method, tiny_dirs, tmp_path):
-    cfg = MethodConfig(method=method, **CFG)
-    model, tok = load_model_and_tokenizer(str(tiny_dirs[arch]), tmp_path, quantize_4bit=needs_4bit(method))
-    base_sums = checksums(model)
-    base_params = {id(p): name for name, p in model.named_parameters()}
-    total_before = count_parameters(model)["total"]
+@dataclasses.dataclass
+class Tuned:
+    """One method on one tiny arch: applied, trained, used to generate, saved and reloaded."""
 
+    model: torch.nn.Module  # trained
+    tok: object
+    logged: list[str]  # what apply_method logged
+    total_before: int  # parameters of the base model
+    base_sums: dict[str, str]  # checksums of the untouched base model, by its own names
+    base_names: dict[int, str]  # id -> name of the base model's parameter objects
+    before: dict[str, str]  # checksums after apply_method, before training
+    after: dict[str, str]  # ... after training
+    losses: list[float]
+    tokens: list  # the trained model's generations
+    final: Path  # where save_finetuned wrote it
+    reloaded_tokens: list  # the generations of load_finetuned's model
+
+
+def tune(model_dir: Path, method: str, tmp: Path) -> Tuned:
+    """Apply `method` to the saved tiny model, train it, generate, save, reload and generate again."""
+    cfg = MethodConfig(method=method, **CFG)
+    model, tok = load_model_and_tokenizer(str(model_dir), tmp, quantize_4bit=needs_4bit(method))
+    base_sums = checksums(model)
+    base_names = {id(p): name for name, p in model.named_parameters()}
+    total_before = count_parameters(model)["total"]
     logged = []
     model = apply_method(model, cfg, tok, log=logged.append)
-    counts = count_parameters(model)
-    assert counts["trainable"] == expected_trainable(arch, method, len(tok))
-    assert f"trainable {counts['trainable']:,} of {counts['total']:,}" in logged[0]
-    if method == "partial":
-        assert "model.layers.0 (" in logged[1] and "model.layers.2 (" not in logged[1]
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.named_parameters() if expected_trainable_names(method, n)}
-    if method in ("prompt-tuning", "prefix-tuning", "p-tuning", "lora", "dora", "rslora", "qlora"):
-        assert not any(id(p) in base_params for p in model.parameters() if p.requires_grad)  # base fully frozen
-        assert counts["total"] == total_before + counts["trainable"]  # 4-bit weights counted unpacked
-
     before = checksums(model)
     losses = train_steps(model, tiny_chat_batch(tok))
-    assert losses[-1] < losses[0] - 0.05, losses
     after = checksums(model)
-    changed = {n for n in after if after[n] != before[n]}
-    assert changed == trainable  # every trained tensor moved, nothing else did
-    # the base model's own tensors, wherever PEFT moved them, are bit-identical unless the method trains them
-    for name, p in model.named_parameters():
-        if id(p) in base_params and not p.requires_grad:
-            assert after[name] == base_sums[base_params[id(p)]], name
-    if method == "partial":
-        moved_layers = sorted({int(n.split("layers.")[1].split(".")[0]) for n in changed})
-        assert moved_layers == [0, 1, L - 2, L - 1]
-        assert not any("embed" in n or n.startswith("model.norm") for n in changed)
-        assert [g for g, _ in trainable_groups(model)] == [f"model.layers.{i}" for i in (0, 1, L - 2, L - 1)]
-
     prompts = prompts_of()
     tokens = generate_token_ids(model, tok, prompts, max_new_tokens=6, batch_size=3)
-    save_finetuned(model, tok, tmp_path / "run" / "final", cfg, base_model=str(tiny_dirs[arch]))
-    final = tmp_path / "run" / "final"
+    save_finetuned(model, tok, tmp / "run" / "final", cfg, base_model=str(model_dir))
+    loaded, tok2 = load_finetuned(tmp / "run", tmp)
+    reloaded_tokens = generate_token_ids(loaded, tok2, prompts, max_new_tokens=6, batch_size=3)
+    return Tuned(model, tok, logged, total_before, base_sums, base_names, before, after, losses, tokens,
+                 tmp / "run" / "final", reloaded_tokens)
+
+
+@pytest.fixture(scope="module")
+def tuned(tiny_dirs, tmp_path_factory):
+    """tuned(arch, method) -> Tuned, run once per pair for the whole module: the tests below only look."""
+    runs = {}
+
+    def get(arch: str, method: str) -> Tuned:
+        if (arch, method) not in runs:
+            runs[arch, method] = tune(tiny_dirs[arch], method, tmp_path_factory.mktemp(f"{arch}-{method}"))
+        return runs[arch, method]
+
+    return get
+
+
+def trainable_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def changed_names(run: Tuned) -> set[str]:
+    return {n for n in run.after if run.after[n] != run.before[n]}
+
+
+every_method = pytest.mark.parametrize("method", METHODS)
+every_arch = pytest.mark.parametrize("arch", TINY_ARCHS)
+ADAPTERS = ("prompt-tuning", "prefix-tuning", "p-tuning", "lora", "dora", "rslora", "qlora")  # base stays frozen
+
+
+@every_method
+@every_arch
+def test_method_trains_the_analytical_number_of_parameters(arch, method, tuned):
+    run = tuned(arch, method)
+    counts = count_parameters(run.model)
+    assert counts["trainable"] == expected_trainable(arch, method, len(run.tok))
+    assert f"trainable {counts['trainable']:,} of {counts['total']:,}" in run.logged[0]
+
+
+@every_method
+@every_arch
+def test_method_marks_only_its_parameters_trainable(arch, method, tuned):
+    model = tuned(arch, method).model
+    assert trainable_names(model) == {n for n, _ in model.named_parameters() if expected_trainable_names(method, n)}
+
+
+@pytest.mark.parametrize("method", ADAPTERS)
+@every_arch
+def test_adapter_methods_add_their_parameters_to_a_frozen_base(arch, method, tuned):
+    run = tuned(arch, method)
+    counts = count_parameters(run.model)
+    assert not any(id(p) in run.base_names for p in run.model.parameters() if p.requires_grad)  # base fully frozen
+    assert counts["total"] == run.total_before + counts["trainable"]  # 4-bit weights counted unpacked
+
+
+@every_method
+@every_arch
+def test_training_lowers_the_loss(arch, method, tuned):
+    losses = tuned(arch, method).losses
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@every_method
+@every_arch
+def test_training_moves_every_trainable_tensor_and_nothing_else(arch, method, tuned):
+    run = tuned(arch, method)
+    assert changed_names(run) == trainable_names(run.model)
+
+
+@every_method
+@every_arch
+def test_frozen_base_tensors_stay_bit_identical(arch, method, tuned):
+    # the base model's own tensors, wherever PEFT moved them, are bit-identical unless the method trains them
+    run = tuned(arch, method)
+    for name, p in run.model.named_parameters():
+        if id(p) in run.base_names and not p.requires_grad:
+            assert run.after[name] == run.base_sums[run.base_names[id(p)]], name
+
+
+@every_arch
+def test_partial_trains_the_first_two_and_last_two_layers_only(arch, tuned):
+    changed = changed_names(tuned(arch, "partial"))
+    moved_layers = sorted({int(n.split("layers.")[1].split(".")[0]) for n in changed})
+    assert moved_layers == [0, 1, L - 2, L - 1]
+    assert not any("embed" in n or n.startswith("model.norm") for n in changed)
+
+
+@every_arch
+def test_partial_names_the_layers_it_trains(arch, tuned):
+    run = tuned(arch, "partial")
+    assert "model.layers.0 (" in run.logged[1] and "model.layers.2 (" not in run.logged[1]
+    assert [g for g, _ in trainable_groups(run.model)] == [f"model.layers.{i}" for i in (0, 1, L - 2, L - 1)]
+
+
+@every_method
+@every_arch
+def test_final_folder_names_the_method_and_its_base(arch, method, tuned, tiny_dirs):
+    final = tuned(arch, method).final
     meta = json.loads((final / "finetune.json").read_text())
     assert meta["method"] == method and meta["base_model"] == str(tiny_dirs[arch].resolve())
     assert (final / "tokenizer_config.json").is_file()
-    if method == "partial":
-        from safetensors import safe_open
 
-        with safe_open(str(final / "partial_layers.safetensors"), "pt") as f:
-            keys = list(f.keys())
-        assert sorted({int(k.split(".")[2]) for k in keys}) == [0, 1, L - 2, L - 1] and meta["layers"] == [0, 1, 4, 5]
-    elif method != "full":
-        assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
-    del model
-    loaded, tok2 = load_finetuned(tmp_path / "run", tmp_path)
-    assert generate_token_ids(loaded, tok2, prompts, max_new_tokens=6, batch_size=3) == tokens
+
+@pytest.mark.parametrize("method", ADAPTERS)
+@every_arch
+def test_adapter_methods_save_the_adapter_only(arch, method, tuned):
+    final = tuned(arch, method).final
+    assert (final / "adapter_model.safetensors").is_file() and not (final / "model.safetensors").exists()
+
+
+@every_arch
+def test_partial_saves_its_layers_only(arch, tuned):
+    from safetensors import safe_open
+
+    final = tuned(arch, "partial").final
+    meta = json.loads((final / "finetune.json").read_text())
+    with safe_open(str(final / "partial_layers.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert sorted({int(k.split(".")[2]) for k in keys}) == [0, 1, L - 2, L - 1] and meta["layers"] == [0, 1, 4, 5]
+
+
+@every_method
+@every_arch
+def test_saved_run_reloads_to_the_same_generations(arch, method, tuned):
+    run = tuned(arch, method)
+    assert run.reloaded_tokens == run.tokens
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

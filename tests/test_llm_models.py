@@ -13,21 +13,14 @@ from hwtools.llm import models
 from hwtools.llm.methods import MethodConfig, apply_method
 from hwtools.llm.models import decoder_layers, describe_model, embedded_model_dir, load_model_and_tokenizer
 from hwtools.llm.templates import GEMMA_CHAT_TEMPLATE, render_chat
-from tiny_models import (  # noqa: F401
+from tests.tiny_models import (  # noqa: F401
     TINY_ARCHS,
     TINY_HIDDEN,
     TINY_LAYERS,
     build_tiny_model,
     build_tiny_tokenizer,
     one_torch_thread,
-    save_tiny_model,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny_model(arch, root / arch) for arch in TINY_ARCHS}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hwtools.llm.methods import METHODS
-from tests.tiny_models import build_tiny_tokenizer, one_torch_thread, save_tiny_model  # noqa: F401
+from tests.tiny_models import build_tiny_tokenizer, one_torch_thread  # noqa: F401
 from tests.wandb_runs import wandb_inspect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,11 +29,6 @@ def run_main(argv):
     finally:
         sys.path.pop(0)
     train_llm.main(argv)
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma2(tmp_path_factory):
-    return save_tiny_model("gemma2", tmp_path_factory.mktemp("tiny") / "gemma2")
 
 
 @pytest.mark.parametrize("method", METHODS)

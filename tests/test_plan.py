@@ -29,7 +29,7 @@ from hwtools.llm.plan import (
     resolve_config,
 )
 from hwtools.train.meters import count_parameters
-from tiny_models import TINY_ARCHS, one_torch_thread, save_tiny_model, tiny_config  # noqa: F401
+from tests.tiny_models import TINY_ARCHS, one_torch_thread, save_tiny_model, tiny_config  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 8  # LoRA rank of MethodConfig's defaults

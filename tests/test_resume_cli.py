@@ -171,16 +171,6 @@ def test_llm_killed_while_saving_keeps_latest_complete(llm_inputs, llm_reference
 
 
 # ------------------------------------------------------------------------------------------------------ caption
-@pytest.fixture(scope="session")
-def caption_cache(tmp_path_factory):
-    """The embedded Flickr8k-layout set and feature cache, shared by every caption run of the session."""
-    from hwtools.caption import synthetic
-
-    path = tmp_path_factory.getbasetemp() / "hwtools-cache"  # one per session: generation is atomic and idempotent
-    synthetic.ensure_embedded(path)
-    return path
-
-
 def caption_args(cache: Path, out: Path) -> list:
     # attention arch with its default dropout 0.5 (the resume must restore the dropout RNG too); tiny decoder;
     # 16 images x 5 captions / batch 8 = 10 steps per epoch, 3 epochs: checkpoints mid-epoch and at epoch ends

@@ -1,9 +1,9 @@
 """Caption generation from image features: greedy (the default) and beam search, both batched.
 
 `model` is an ImageCaptioningModel or a bare decoder: anything with `init_state(features)` and
-`step(tokens, state) -> (logits, state, alpha|None)` whose state tensors are batch-first. Returned ids hold the
-generated words only (no <start>, no <end>); for the attention arch, alphas[i] is a (len(ids[i]), R) tensor with one
-attention map per returned word.
+`step(tokens, state) -> (logits, state, alpha|None)` whose state is a dict or a NamedTuple of batch-first tensors.
+Returned ids hold the generated words only (no <start>, no <end>); for the attention arch, alphas[i] is a
+(len(ids[i]), R) tensor with one attention map per returned word.
 """
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import torch
 from hwtools.caption.vocab import END_ID, START_ID
 
 
-def _select(state: dict, index: torch.Tensor) -> dict:
-    return {k: v.index_select(0, index) for k, v in state.items()}
+def _select(state, index: torch.Tensor):
+    """The state's rows at `index` (beams reordered), of the same kind: a dict or a NamedTuple."""
+    if isinstance(state, dict):
+        return {k: v.index_select(0, index) for k, v in state.items()}
+    return type(state)(*(v.index_select(0, index) for v in state))
 
 
 def _trim(seqs: torch.Tensor, alphas: Optional[torch.Tensor], end_id: int):

@@ -3,7 +3,8 @@
 Every decoder has `forward(features, caption_ids, caption_mask) -> {"logits": (B,T-1,V), "alphas": (B,T-1,R)|None}`
 (teacher forcing: inputs caption_ids[:, :-1], targets caption_ids[:, 1:]) and the decoding API
 `init_state(features) -> state` and `step(prev_tokens (B,), state) -> (logits (B,V), state, alpha (B,R)|None)`,
-where every state tensor is batch-first so beam search can reorder it with index_select(0, ...).
+where the state is a dict or a NamedTuple of batch-first tensors, so beam search can reorder it with
+index_select(0, ...).
 """
 from __future__ import annotations
 
@@ -71,10 +72,10 @@ class ImageCaptioningModel(nn.Module):
         return out
 
     # decoding API, so decode.py can take either this model or a bare decoder
-    def init_state(self, features: torch.Tensor) -> dict:
+    def init_state(self, features: torch.Tensor):
         return self.decoder.init_state(features.to(self.decoder.fc.weight.dtype))
 
-    def step(self, tokens: torch.Tensor, state: dict):
+    def step(self, tokens: torch.Tensor, state):
         return self.decoder.step(tokens, state)
 
 
