@@ -6,6 +6,7 @@ of a shared machine hits every variant alike; the median of the repeats is what 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -173,6 +174,76 @@ def peak_cuda_memory_mb(device) -> Optional[float]:
 def reset_peak_memory(device) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+class Window:
+    """A timed window, opened by the first start() (later calls do nothing) and closed once by stop(), the device
+    synchronised at both ends: wall seconds, and CPU seconds of this process (on a CPU shared with other jobs the
+    wall clock also counts time spent waiting for a core, CPU time mostly does not)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.wall = self.cpu = None
+
+    def start(self) -> None:
+        if self.wall is None:
+            synchronize(self.device)
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> dict:
+        synchronize(self.device)  # only ever called once, at the very end: no sync inside the run
+        return {"seconds": time.perf_counter() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
+
+
+def current_rss_mb() -> float:
+    """This process's resident set size in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def peak_rss_while(fn: Callable[[], dict], interval_s: float = 0.005) -> tuple[dict, float, float]:
+    """Run fn while a thread samples this process's RSS -> (fn's value, RSS before, peak RSS seen) in MiB.
+    Sampled rather than ru_maxrss: the kernel's high-water mark is only updated now and then, and covers the
+    whole process life, not this run."""
+    import threading
+
+    before = current_rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(interval_s):
+            peak[0] = max(peak[0], current_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        value = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return value, before, max(peak[0], current_rss_mb())
+
+
+def free_device_memory(device) -> None:
+    """Collect garbage and hand cached CUDA blocks back, then restart the peak counters: the next measurement
+    starts from what is really still allocated."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def busy_cpu_notes(machine: dict, unit: str) -> list[str]:
+    """The results note for a CPU that other jobs loaded as the benchmark started (load average above 0.8 per
+    usable core: absolute `unit` figures are pessimistic, the interleaved ratios still hold); [] otherwise."""
+    load, cores = machine.get("load_average_1m"), machine.get("cpu_cores_usable") or 1
+    if load is None or load <= 0.8 * cores:
+        return []
+    return [f"The CPU was shared with other jobs: load average {load} on {cores} cores at the start. Absolute {unit} "
+            f"are pessimistic and noisy; ratios come from interleaved runs (every repeat runs every variant, in a "
+            f"rotating order) and are the figures to read."]
 
 
 # ---------------------------------------------------------------------------------------------------------- output

@@ -36,6 +36,14 @@ def loss_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     return _save(fig, path)
 
 
+def run_loss_curves(events: Sequence[Mapping], path, title="loss"):
+    """A run's train and eval loss against the step, from its metrics.jsonl events."""
+    series = {split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
+                      [e["loss"] for e in events if e.get("split") == split and "loss" in e])
+              for split in ("train", "eval")}
+    return loss_curves(series, path, title=title)
+
+
 def histogram(values: Sequence[float], path, title="", xlabel="", bins=50):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(list(values), bins=bins, color="#4472c4")

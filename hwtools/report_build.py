@@ -538,7 +538,7 @@ def side_by_side(r: Report, archs: list[str]) -> str:
             else:
                 cells.append("not among its 10 lowest")
         rows.append(cells)
-    sample_row = [f"sample image (after the last epoch)"]
+    sample_row = ["sample image (after the last epoch)"]
     for a in archs:
         events = [e for e in r.q.load(metrics(f"caption-{a}")) if e.get("split") == "sample"]
         if events:

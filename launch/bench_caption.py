@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader, Subset
 
 from hwtools import bench
@@ -28,8 +29,9 @@ from hwtools.caption import synthetic
 from hwtools.caption.data import CaptionDataset, collate_captions, load_captions, split_by_image
 from hwtools.caption.decode import beam_search, greedy_decode
 from hwtools.caption.encoders import build_encoder
-from hwtools.caption.features import encode_images, load_or_build_feature_cache
+from hwtools.caption.features import encode_images
 from hwtools.caption.models import ARCHS, ImageCaptioningModel, build_caption_model, caption_loss, encoder_output_for
+from hwtools.caption.pipeline import cached_features
 from hwtools.caption.transforms import build_transforms
 from hwtools.caption.vocab import Vocab
 from hwtools.config import default_cache_dir, parse_config
@@ -37,8 +39,8 @@ from hwtools.data_report import DataReport
 from hwtools.device import bf16_supported, enable_tf32
 from hwtools.errors import UserError, cli_main
 
-CACHE_TARGET = 5.0
-PHASES = ("load", "encode", "decoder")  # cached features should make a frozen-encoder epoch at least this many times faster
+CACHE_TARGET = 5.0  # cached features should make a frozen-encoder epoch at least this many times faster
+PHASES = ("load", "encode", "decoder")
 # --quick: sizes for the smoke test; a run in seconds that still goes through every code path
 QUICK_SIZES = {"batches": 1, "batch_size": 2, "repeats": 2, "warmup_batches": 1, "decode_images": 2}
 QUICK_IMAGES = 40  # images of the small embedded set --quick generates
@@ -120,10 +122,6 @@ def load_data(args: BenchCaptionArgs) -> tuple[dict, Vocab, DataReport]:
     return splits, vocab, report
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------------------------ training
 
 
@@ -145,7 +143,7 @@ def train_pass(decoder_model: ImageCaptioningModel, optimizer, loader: DataLoade
         batch = next(batches, None)
         if batch is None:
             break
-        batch = to_device(batch, device)
+        batch = send_to_device(batch, device, non_blocking=True)
         marks.append(clock())
         if encoder is not None:
             with torch.no_grad(), autocast():
@@ -263,10 +261,8 @@ def bench_arch(arch: str, args: BenchCaptionArgs, splits: dict, vocab: Vocab, de
     start = time.perf_counter()
     if encoder.weights_id is None:  # random weights: features of this process's encoder only, never on disk
         features = encode_images(encoder, wanted, eval_tf, args.batch_size, device=device)
-    else:  # the same cache files and key as train_caption.py (hwtools.caption.run.prepare_image_inputs)
-        key = (encoder.name, encoder.weights_id, encoder.output, repr(eval_tf))
-        features = load_or_build_feature_cache(Path(args.cache_dir).expanduser() / "caption-features", key,
-                                               encoder, wanted, eval_tf, args.batch_size, device=device, log=log)
+    else:  # the cache files train_caption.py reads and fills
+        features = cached_features(encoder, wanted, eval_tf, args.cache_dir, args.batch_size, device, log=log)
     cache_s = time.perf_counter() - start
     cached_ds = CaptionDataset(splits["train"], vocab, args.max_len, train=True, features=features)
 
@@ -358,12 +354,7 @@ def markdown_body(results: dict, args: BenchCaptionArgs) -> str:
 
 
 def auto_notes(machine: dict, args: BenchCaptionArgs) -> list[str]:
-    notes = list(args.notes)
-    load, cores = machine.get("load_average_1m"), machine.get("cpu_cores_usable") or 1
-    if load is not None and load > 0.8 * cores:
-        notes.append(f"The CPU was shared: load average {load} on {cores} cores at the start. Absolute images/s are "
-                     f"pessimistic; the ratios come from interleaved runs of the same batches and are the figures "
-                     f"to read.")
+    notes = list(args.notes) + bench.busy_cpu_notes(machine, "images/s")
     if args.quick:
         notes.append("--quick: smoke-test sizes and tiny decoders; these numbers measure nothing.")
     return notes

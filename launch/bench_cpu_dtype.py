@@ -19,13 +19,15 @@ from functools import partial
 
 import torch
 
-from bench_llm import ModelArgs, load_bench_model, load_data, packed_loader, prepare_examples, train_bpe_tokenizer
 from hwtools import bench
 from hwtools.config import parse_config
 from hwtools.device import cpu_flags, cpu_has_bf16
 from hwtools.errors import UserError, cli_main
+from hwtools.llm.bench_models import ModelArgs, load_bench_model, load_data, prepare_examples
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method, default_lr
+from hwtools.llm.pipeline import packed_loader
+from hwtools.llm.tiny import train_bpe_tokenizer
 
 VARIANTS = ("fp32", "bf16-autocast", "bf16-weights")
 LOSS_TOLERANCE = 0.02  # largest relative gap to fp32's loss at any step for a bf16 variant to count as matching

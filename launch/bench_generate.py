@@ -20,11 +20,11 @@ from typing import Optional
 
 import torch
 
-from bench_llm import ModelArgs, load_bench_model, load_data, resolve_device
 from hwtools import bench
 from hwtools.config import parse_config
 from hwtools.device import bf16_supported, enable_tf32
 from hwtools.errors import UserError, cli_main
+from hwtools.llm.bench_models import ModelArgs, load_bench_model, load_data, resolve_device
 from hwtools.llm.evaluate import load_test_prompts
 from hwtools.llm.generate import generate_token_ids
 
@@ -113,11 +113,7 @@ def markdown_body(results: dict, args: BenchGenerateArgs) -> str:
 
 
 def auto_notes(machine: dict, args: BenchGenerateArgs, device) -> list[str]:
-    notes = list(args.notes)
-    load, cores = machine.get("load_average_1m"), machine.get("cpu_cores_usable") or 1
-    if load is not None and load > 0.8 * cores:
-        notes.append(f"The CPU was shared with other jobs: load average {load} on {cores} cores at the start. "
-                     f"Absolute rates are pessimistic and noisy; the ratios come from interleaved runs.")
+    notes = list(args.notes) + bench.busy_cpu_notes(machine, "rates")
     if device.type != "cuda":
         notes.append("GPU section not run here (no CUDA device on this machine); on a GPU run "
                      "`python launch/bench_generate.py --device cuda` (bf16 weights).")

@@ -78,16 +78,18 @@ export -f env_info
 tiny_model() {  # a small random Gemma-2 (soft-capping, sliding windows, tied head) with a BPE tokenizer, saved
   "$PY" - "$WORK/tiny-gemma2" <<'EOF'
 import json, sys
-sys.path.insert(0, "launch")
 import torch
 from transformers import AutoModelForCausalLM
-from bench_llm import tiny_gemma2_config, train_bpe_tokenizer
 from hwtools.llm.data import EMBEDDED_TRAIN
+from hwtools.llm.tiny import tiny_config, train_bpe_tokenizer
 texts = [t["value"] for line in EMBEDDED_TRAIN.read_text(encoding="utf-8").splitlines()
          for t in json.loads(line)["conversations"]]
 tok = train_bpe_tokenizer(texts, 4096)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(tiny_gemma2_config(256, 4, 4096, 64), dtype=torch.float32)
+config = tiny_config("gemma2", 4096, hidden_size=256, num_layers=4, head_dim=64, sliding_window=4096,
+                     max_position_embeddings=8192)
+config._attn_implementation = "eager"  # soft-capping needs it
+model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
 print(f"saved {sys.argv[1]}: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tok)}")
 EOF

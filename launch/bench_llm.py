@@ -31,10 +31,8 @@ would mix the variants).
 """
 from __future__ import annotations
 
-import copy
 import gc
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -46,23 +44,26 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 
 from hwtools import bench
-from hwtools.config import LoopConfig, default_cache_dir, parse_config
-from hwtools.device import bf16_supported, enable_tf32
+from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
+from hwtools.device import bf16_supported, enable_tf32
 from hwtools.errors import UserError, cli_main
 from hwtools.llm import data as llm_data
+from hwtools.llm.bench_models import ModelArgs, load_bench_model, load_data, prepare_examples, resolve_device
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method, default_lr, needs_4bit
-from hwtools.llm.models import EMBEDDED, load_model_and_tokenizer, weights_dtype
-from hwtools.llm.templates import GEMMA_CHAT_TEMPLATE
+from hwtools.llm.models import load_model_and_tokenizer, weights_dtype
+from hwtools.llm.pipeline import count_tokens, packed_loader, padded_loader
+from hwtools.llm.tiny import train_bpe_tokenizer
+from hwtools.train.accelerate_state import reset_accelerate
 from hwtools.train.loop import build_optimizer, build_scheduler, make_accelerator, train
 from hwtools.train.meters import count_parameters
 from hwtools.train.tracking import Tracker
 
-TINY = "tiny-gemma2"
 VARIANTS = ("loop-packed", "loop-padded", "trainer-padded", "trainer-grouped", "trl-packed", "bare-packed")
 REFERENCE = "trainer-padded"
 PACKED_TARGET = 1.5  # loop-packed tokens/s over trainer-padded
@@ -70,39 +71,8 @@ TRL_TARGET = 1.3  # loop-packed tokens/s over trl-packed
 HELDOUT_EXAMPLES = 32
 OVERHEAD_TARGET = 0.05  # loop-packed time over bare-packed time, minus 1
 REAL_SIZE_METHODS = ("lora", "qlora", "prefix-tuning", "partial")
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 QUICK_SIZES = {"hidden_size": 32, "num_layers": 2, "head_dim": 16, "vocab_size": 1024, "batch_size": 2, "steps": 2,
                "max_length": 128, "repeats": 1, "warmup": 0, "memory": False, "max_train_examples": 48}
-
-
-@dataclass
-class ModelArgs:
-    """The benchmarked model (shared with bench_generate.py)."""
-
-    model: str = field(default=TINY, metadata={
-        "help": f"{TINY} (random Gemma-2 built from a config, with a BPE tokenizer trained on the data) or "
-                f"embedded (Gemma-3-270M, its own tokenizer)."})
-    hidden_size: int = field(default=256, metadata={"help": f"{TINY}: hidden size."})
-    num_layers: int = field(default=6, metadata={"help": f"{TINY}: decoder layers."})
-    head_dim: int = field(default=64, metadata={
-        "help": f"{TINY}: attention head size; hidden / head_dim query heads, half as many KV heads."})
-    vocab_size: int = field(default=16384, metadata={
-        "help": f"{TINY}: embedding / LM-head rows (>= the tokenizer's vocabulary; the rest are unused ids, as in "
-                f"real models' padded vocabularies)."})
-    data: str = field(default="embedded", metadata={"help": "embedded or a SlimOrca-schema file (see train_llm.py)."})
-    max_length: int = field(default=256, metadata={"help": "Max tokens per example and packed block length."})
-    max_train_examples: int = field(default=0, metadata={"help": "Use at most N training conversations (0: all)."})
-    seed: int = field(default=42, metadata={"help": "Seed of the weights, LoRA init, data order and split."})
-    cache_dir: str = field(default_factory=default_cache_dir, metadata={
-        "help": "Where the embedded model is converted (shared with train_llm.py)."})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda."})
-    threads: int = field(default=0, metadata={
-        "help": "torch CPU threads (0: torch's default). On a CPU shared with other jobs, 1 avoids OpenMP threads "
-                "spinning while they wait for a core (measured here: 2 threads ran a step 5-8x slower than 1)."})
-    output_dir: str = field(default="results/bench", metadata={"help": "Where the .md and .json results go."})
-    name: Optional[str] = field(default=None, metadata={
-        "help": "Base name of the result files (default: by benchmark and device, e.g. llm, llm_cuda)."})
-    notes: list[str] = field(default_factory=list, metadata={"help": "Free-text notes written into the results."})
 
 
 def trl_available() -> bool:
@@ -147,96 +117,14 @@ class BenchLLMArgs(ModelArgs):
     probe_out: Optional[str] = field(default=None, metadata={"help": "Internal: the --probe result file."})
 
 
-# ------------------------------------------------------------------------------------------------- model, data
-
-
-def train_bpe_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts`, with Gemma's special tokens (<pad>=0, <eos>=1, <bos>=2),
-    its chat template, and a <bos> it does not add by itself (the template writes it)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = GEMMA_CHAT_TEMPLATE
-    return fast
-
-
-def tiny_gemma2_config(hidden_size: int, num_layers: int, vocab_size: int, head_dim: int = 64):
-    """A Gemma-2 config at a small width: Gemma-2-2B's shape ratios (4x MLP, 2 query heads per KV head), its
-    soft-capping and alternating sliding-window layers, eager attention (soft-capping needs it)."""
-    from transformers import Gemma2Config
-
-    heads = max(1, hidden_size // head_dim)
-    config = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                          num_hidden_layers=num_layers, num_attention_heads=heads,
-                          num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
-                          query_pre_attn_scalar=head_dim, sliding_window=4096,
-                          max_position_embeddings=8192, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    config._attn_implementation = "eager"
-    return config
-
-
-def load_bench_model(args: ModelArgs, splits: dict):
-    """(model factory, tokenizer, description): the factory returns a fresh fp32 copy of the same weights on CPU.
-    The embedded model is reloaded from its converted cache each time: never two copies of it in memory."""
-    from transformers import AutoModelForCausalLM
-
-    if args.model == EMBEDDED:
-        model, tokenizer = load_model_and_tokenizer(EMBEDDED, args.cache_dir)
-        del model  # only the tokenizer is kept; every run loads its own copy
-        gc.collect()
-
-        def fresh():
-            return load_model_and_tokenizer(EMBEDDED, args.cache_dir)[0]
-
-        return fresh, tokenizer, "embedded Gemma-3-270M (its GGUF weights, de-quantised to fp32)"
-    if args.model != TINY:
-        raise UserError(f"--model {args.model}: choose {TINY} or {EMBEDDED}")
-    texts = [t["content"] for split in splits.values() for conv in split for t in conv]
-    tokenizer = train_bpe_tokenizer(texts, args.vocab_size)
-    if len(tokenizer) > args.vocab_size:
-        raise UserError(f"--vocab-size {args.vocab_size}: smaller than the tokenizer ({len(tokenizer)} tokens)")
-    torch.manual_seed(args.seed)
-    config = tiny_gemma2_config(args.hidden_size, args.num_layers, args.vocab_size, args.head_dim)
-    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
-    params = count_parameters(base)["total"]
-    desc = (f"random Gemma-2 from a config: hidden {args.hidden_size}, {args.num_layers} layers, "
-            f"{config.num_attention_heads} heads ({config.num_key_value_heads} KV) x {config.head_dim}, "
-            f"MLP {config.intermediate_size}, vocab {args.vocab_size} ({params / 1e6:.1f}M parameters); "
-            f"BPE tokenizer of {len(tokenizer)} tokens trained on the data")
-    return (lambda: copy.deepcopy(base)), tokenizer, desc
-
-
-def load_data(args: ModelArgs) -> tuple[dict, DataReport]:
-    """The recipe's splits of --data (conversations), train cut to --max-train-examples."""
-    report = DataReport()
-    splits = llm_data.load_splits(args.data, report, seed=args.seed)
-    if args.max_train_examples > 0:
-        splits["train"] = splits["train"][: args.max_train_examples]
-    return splits, report
-
-
-def prepare_examples(args: BenchLLMArgs, tokenizer, splits, report) -> tuple[list[dict], list[dict]]:
-    """(tokenised train examples, packed blocks in a seeded order), as train_llm.py builds them."""
-    examples = llm_data.tokenize_all(tokenizer, splits["train"], args.max_length, report)
-    blocks = llm_data.pack_examples(examples, args.max_length)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    return examples, [blocks[i] for i in order]
+# ---------------------------------------------------------------------------------------------------- held out
 
 
 def heldout_batches(args: BenchLLMArgs, tokenizer, splits) -> list[dict]:
     """The fixed held-out tokens every trained variant is scored on: the first validation conversations."""
     convs = (splits.get("validation") or splits.get("test") or [])[:HELDOUT_EXAMPLES]
     examples = llm_data.tokenize_all(tokenizer, convs, args.max_length, DataReport())
-    return [llm_data.collate_padded(examples[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(examples), 8)]
+    return list(padded_loader(examples, 8, tokenizer.pad_token_id))
 
 
 @torch.no_grad()
@@ -248,39 +136,13 @@ def heldout_loss(model, batches: list[dict], device) -> Optional[float]:
     model.eval()
     total = count = 0.0
     for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        loss, n = causal_lm_loss(model, batch)
+        loss, n = causal_lm_loss(model, send_to_device(batch, device))
         total, count = total + loss.item() * n, count + n
     model.train(was_training)
     return total / count if count else None
 
 
-def packed_loader(blocks, batch_size, pad_id) -> DataLoader:
-    # a fixed (pre-shuffled) order, so the loop and the bare loop see the very same batches
-    return DataLoader(blocks, batch_size=batch_size, shuffle=False,
-                      collate_fn=partial(llm_data.collate_packed, pad_id=pad_id))
-
-
-def padded_loader(examples, batch_size, pad_id, seed) -> DataLoader:
-    sampler = llm_data.length_grouped_sampler(examples, batch_size, seed)
-    return DataLoader(examples, batch_sampler=sampler, collate_fn=partial(llm_data.collate_padded, pad_id=pad_id))
-
-
-def non_padding_tokens(batch) -> int:
-    """Real tokens of a batch: num_tokens (our collators) or the attention mask's sum (Trainer's collator)."""
-    return int(batch["num_tokens"]) if "num_tokens" in batch else int(batch["attention_mask"].sum())
-
-
 # ------------------------------------------------------------------------------------------------------ runs
-
-
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, so each variant starts as a fresh run would (Trainer builds its own
-    Accelerator too)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def method_config(args: BenchLLMArgs, method: str = "lora") -> MethodConfig:
@@ -315,31 +177,11 @@ def trainable_model(make_model: Callable, args: BenchLLMArgs, device: torch.devi
     return model if getattr(model, "is_loaded_in_4bit", False) else model.to(device)
 
 
-class Window:
-    """The timed window of a training run, the same for every variant: from the first forward pass to the end of
-    the last optimiser step (batch fetching inside it counted; model building, the first batch's fetch and the
-    last step's logging not). Wall seconds, and CPU seconds of this process: on a CPU shared with other jobs the
-    wall clock also counts time spent waiting for a core, CPU time mostly does not."""
-
-    def __init__(self, device):
-        self.device = device
-        self.wall = self.cpu = None
-
-    def start(self) -> None:
-        if self.wall is None:
-            bench.synchronize(self.device)
-            self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def stop(self) -> dict:
-        bench.synchronize(self.device)  # only ever called once, at the very end: no sync inside the run
-        return {"seconds": time.perf_counter() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
-
-
 def run_loop(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: bool, heldout=()) -> dict:
     """hwtools' loop (make_accelerator + train) for args.steps."""
     reset_accelerate()
     counts: list[int] = []
-    window, timing = Window(device), {}
+    window, timing = bench.Window(device), {}
     last = args.steps * args.grad_accum
 
     def loss_fn(model, batch):
@@ -347,7 +189,7 @@ def run_loop(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
         return causal_lm_loss(model, batch)
 
     def count(batch):  # the loop calls it after each micro-batch's backward (and optimiser step)
-        counts.append(non_padding_tokens(batch))
+        counts.append(count_tokens(batch))
         if len(counts) == last:
             timing.update(window.stop())
         return counts[-1]
@@ -380,7 +222,7 @@ def run_bare(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
     params = [p for p in model.parameters() if p.requires_grad]
     bench.reset_peak_memory(device)
     model.train()
-    tokens, micro, window = 0, 0, Window(device)
+    tokens, micro, window = 0, 0, bench.Window(device)
     batches = iter(loader)
     batch = next(batches)
     for _ in range(cfg.max_steps):
@@ -389,9 +231,9 @@ def run_bare(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
                 batches = iter(loader)
                 batch = next(batches)
             window.start()
-            tokens += non_padding_tokens(batch)
+            tokens += count_tokens(batch)
             micro += 1
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = send_to_device(batch, device, non_blocking=True)
             with autocast:  # as the loop runs the loss (its LM head is outside the model's forward)
                 loss, _ = causal_lm_loss(model, batch)
             (loss / cfg.grad_accum).backward()
@@ -406,13 +248,47 @@ def run_bare(args: BenchLLMArgs, make_model, loader: DataLoader, device, bf16: b
             "heldout_loss": heldout_loss(model, heldout, device)}
 
 
+def step_clock(window: bench.Window, timing: dict):
+    """A Trainer callback that opens the timed window at a step's start and closes it into `timing` after the last
+    step."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args_, state, control, **kwargs):
+            window.start()
+
+        def on_step_end(self, args_, state, control, **kwargs):
+            if state.global_step == state.max_steps:
+                timing.update(window.stop())
+
+    return Clock()
+
+
+def trainer_arguments(args: BenchLLMArgs, output_dir: str, device, bf16: bool) -> dict:
+    """TrainingArguments / SFTConfig fields both Trainer variants share: the loop's steps, schedule, clipping and
+    seed, no saving or evaluation."""
+    return dict(output_dir=output_dir, per_device_train_batch_size=args.batch_size,
+                gradient_accumulation_steps=args.grad_accum, max_steps=args.steps, learning_rate=args.lr,
+                lr_scheduler_type="cosine", warmup_steps=warmup_steps(args.steps), weight_decay=0.0, max_grad_norm=1.0,
+                logging_steps=args.log_every, save_strategy="no", eval_strategy="no", report_to="none",
+                seed=args.seed, data_seed=args.seed, use_cpu=device.type == "cpu", bf16=bf16)
+
+
+def trainer_result(args: BenchLLMArgs, trainer, out, timing: dict, counts: list[int], model, heldout, device) -> dict:
+    """A Trainer variant's figures; tokens of the micro-batches it trained on (prefetched extras cut off)."""
+    used = args.steps * args.grad_accum
+    return {**timing, "tokens": sum(counts[:used]), "micro_batches": used, "steps": trainer.state.global_step,
+            "final_loss": out.training_loss, "peak_cuda_mb": bench.peak_cuda_memory_mb(device),
+            "heldout_loss": heldout_loss(model, heldout, device)}
+
+
 def run_trainer(args: BenchLLMArgs, make_model, examples: list[dict], tokenizer, device, bf16: bool, heldout=(),
                 group_by_length: bool = False) -> dict:
     """The reference: transformers.Trainer on the PEFT model, DataCollatorForSeq2Seq dynamic padding (labels
     padded with -100: the same assistant-only labels), Trainer's defaults otherwise (random order, fused AdamW);
     `group_by_length`: Trainer's length-grouped sampler (train_sampling_strategy="group_by_length")."""
     import datasets
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     reset_accelerate()
     model = trainable_model(make_model, args, device)
@@ -421,35 +297,19 @@ def run_trainer(args: BenchLLMArgs, make_model, examples: list[dict], tokenizer,
 
     def collate(features):
         batch = pad(features)
-        counts.append(non_padding_tokens(batch))  # in collation order; prefetched extras are cut off below
+        counts.append(count_tokens(batch))  # in collation order; prefetched extras are cut off below
         return batch
 
-    window, timing = Window(device), {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            window.start()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == state.max_steps:
-                timing.update(window.stop())
-
+    window, timing = bench.Window(device), {}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
-            warmup_steps=warmup_steps(args.steps), weight_decay=0.0, max_grad_norm=1.0, logging_steps=args.log_every,
-            save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed,
-            use_cpu=device.type == "cpu", bf16=bf16, label_names=["labels"], remove_unused_columns=False,
+            **trainer_arguments(args, tmp, device, bf16), label_names=["labels"], remove_unused_columns=False,
             train_sampling_strategy="group_by_length" if group_by_length else "random")
         trainer = Trainer(model=model, args=targs, train_dataset=datasets.Dataset.from_list(examples),
-                          data_collator=collate, callbacks=[Clock()])
+                          data_collator=collate, callbacks=[step_clock(window, timing)])
         bench.reset_peak_memory(device)
         out = trainer.train()
-    used = args.steps * args.grad_accum
-    return {**timing, "tokens": sum(counts[:used]), "micro_batches": used, "steps": trainer.state.global_step,
-            "final_loss": out.training_loss, "peak_cuda_mb": bench.peak_cuda_memory_mb(device),
-            "heldout_loss": heldout_loss(model, heldout, device)}
+    return trainer_result(args, trainer, out, timing, counts, model, heldout, device)
 
 
 def run_trl(args: BenchLLMArgs, make_model, examples: list[dict], tokenizer, device, bf16: bool, heldout=()) -> dict:
@@ -458,32 +318,17 @@ def run_trl(args: BenchLLMArgs, make_model, examples: list[dict], tokenizer, dev
     a batch is one row, position ids restarting per example), max_length = --max-length, its own loss. What its
     packing cut (overflow past max_length) is counted against our examples."""
     import datasets
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     reset_accelerate()
     model = trainable_model(make_model, args, device)
-    window, timing, counts = Window(device), {}, []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args_, state, control, **kwargs):
-            window.start()
-
-        def on_step_end(self, args_, state, control, **kwargs):
-            if state.global_step == state.max_steps:
-                timing.update(window.stop())
-
+    window, timing, counts = bench.Window(device), {}, []
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
-        cfg = SFTConfig(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-            max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
-            warmup_steps=warmup_steps(args.steps), weight_decay=0.0, max_grad_norm=1.0, logging_steps=args.log_every,
-            save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed,
-            use_cpu=device.type == "cpu", bf16=bf16, packing=True, max_length=args.max_length,
-            dataset_num_proc=None)
+        cfg = SFTConfig(**trainer_arguments(args, tmp, device, bf16), packing=True, max_length=args.max_length,
+                        dataset_num_proc=None)
         data = datasets.Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
         trainer = SFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tokenizer,
-                             callbacks=[Clock()])
+                             callbacks=[step_clock(window, timing)])
         collate = trainer.data_collator
 
         def counting(features):
@@ -497,11 +342,8 @@ def run_trl(args: BenchLLMArgs, make_model, examples: list[dict], tokenizer, dev
         kept_tokens = sum(sum(x) for x in packed["seq_lengths"])
         bench.reset_peak_memory(device)
         out = trainer.train()
-    used = args.steps * args.grad_accum
     total = sum(len(e["input_ids"]) for e in examples)
-    return {**timing, "tokens": sum(counts[:used]), "micro_batches": used, "steps": trainer.state.global_step,
-            "final_loss": out.training_loss, "peak_cuda_mb": bench.peak_cuda_memory_mb(device),
-            "heldout_loss": heldout_loss(model, heldout, device),
+    return {**trainer_result(args, trainer, out, timing, counts, model, heldout, device),
             "packing": {"sequences": kept, "examples": len(examples), "tokens_kept": kept_tokens,
                         "tokens_cut": total - kept_tokens, "rows": len(packed)}}
 
@@ -510,9 +352,7 @@ def variant_fns(args: BenchLLMArgs, make_model, examples, blocks, tokenizer, dev
     pad_id = tokenizer.pad_token_id
 
     def cleanup(result):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.free_device_memory(device)
         return result
 
     fns = {
@@ -534,39 +374,9 @@ def variant_fns(args: BenchLLMArgs, make_model, examples, blocks, tokenizer, dev
 # ---------------------------------------------------------------------------------------------------- memory
 
 
-def current_rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def peak_rss_while(fn: Callable[[], dict], interval_s: float = 0.005) -> tuple[dict, float, float]:
-    """Run fn while a thread samples this process's RSS -> (fn's value, RSS before, peak RSS seen) in MiB.
-    Sampled rather than ru_maxrss: the kernel's high-water mark is only updated now and then, and covers the
-    whole process life, not this run."""
-    import threading
-
-    before = current_rss_mb()
-    peak = [before]
-    done = threading.Event()
-
-    def sample():
-        while not done.wait(interval_s):
-            peak[0] = max(peak[0], current_rss_mb())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        value = fn()
-    finally:
-        done.set()
-        sampler.join()
-    return value, before, max(peak[0], current_rss_mb())
-
-
 def run_probe(args: BenchLLMArgs, fns: dict) -> dict:
     """Train one variant once in this (fresh) process: its peak RSS and the rise over the RSS before training."""
-    value, before, peak = peak_rss_while(fns[args.probe])
+    value, before, peak = bench.peak_rss_while(fns[args.probe])
     return {"variant": args.probe, "rss_before_mb": before, "peak_rss_mb": peak, "rise_mb": peak - before,
             "tokens": value["tokens"]}
 
@@ -701,18 +511,9 @@ def real_size_check(args: BenchLLMArgs, device: torch.device, config=None, log=p
     return out
 
 
-def free_device_memory(device) -> None:
-    """Collect garbage and hand cached CUDA blocks back, then restart the peak counters: the next measurement
-    starts from what is really still allocated."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples, device, bf16, tmp: Path) -> dict:
     reset_accelerate()
-    free_device_memory(device)
+    bench.free_device_memory(device)
     dtype = weights_dtype("auto", device, method)  # what train_llm.py loads by default
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(str(model_dir), args.cache_dir, quantize_4bit=needs_4bit(method),
@@ -722,16 +523,17 @@ def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples,
     run_dir.mkdir()
     cfg = loop_config(args, run_dir, bf16, steps=args.real_size_steps, batch_size=1, lr=default_lr(method))
     accelerator = make_accelerator(cfg)
-    model = trainable_model(lambda: model, args, accelerator.device, method, tokenizer)
+    loaded = model
+    model = trainable_model(lambda: loaded, args, accelerator.device, method, tokenizer)
+    del loaded
     params = count_parameters(model)
-    loader = DataLoader(examples * args.real_size_steps, batch_size=1,
-                        collate_fn=partial(llm_data.collate_padded, pad_id=tokenizer.pad_token_id))
+    loader = padded_loader(examples * args.real_size_steps, 1, tokenizer.pad_token_id)
     result = train(accelerator, model, loader, causal_lm_loss, cfg, run_dir, Tracker(accelerator, run_dir, cfg, {}),
-                   count_fn=non_padding_tokens, throughput_unit="tokens/s")
+                   count_fn=count_tokens, throughput_unit="tokens/s")
     res = result.resources
     accelerator.free_memory()  # its references to the prepared model and optimizer would keep them alive
     del model, result, accelerator, loader
-    free_device_memory(device)
+    bench.free_device_memory(device)
     # the loop's final checkpoint (accelerate save_state): its size is worth knowing, its disk space is not kept
     checkpoint_mb = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file()) / 2**20
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -853,12 +655,7 @@ def real_size_markdown(results: dict) -> str:
 
 
 def auto_notes(machine: dict, args: BenchLLMArgs, device: torch.device) -> list[str]:
-    notes = list(args.notes)
-    load, cores = machine.get("load_average_1m"), machine.get("cpu_cores_usable") or 1
-    if load is not None and load > 0.8 * cores:
-        notes.append(f"The CPU was shared with other jobs: load average {load} on {cores} cores at the start. "
-                     f"Absolute tokens/s are pessimistic and noisy; ratios come from interleaved runs (every repeat "
-                     f"runs every variant, in a rotating order) and are the figures to read.")
+    notes = list(args.notes) + bench.busy_cpu_notes(machine, "tokens/s")
     if device.type != "cuda" and not args.real_size:
         notes.append("GPU section not run here (no CUDA device on this machine). On a GPU: "
                      "`python launch/bench_llm.py --device cuda` (bf16 autocast, memory from "
@@ -889,17 +686,6 @@ def check_args(args: BenchLLMArgs) -> BenchLLMArgs:
     if args.probe is not None and args.probe not in VARIANTS:
         raise UserError(f"--probe {args.probe}: choose from {', '.join(VARIANTS)}")
     return replace(args, **QUICK_SIZES) if args.quick else args
-
-
-def resolve_device(name: str, threads: int = 0) -> torch.device:
-    """The torch device of --device (and --threads applied); a CPU run on a GPU machine keeps accelerate on the CPU."""
-    bench.set_threads(threads)
-    device = bench.resolve_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cpu" and torch.cuda.is_available():
-        os.environ["ACCELERATE_USE_CPU"] = "true"  # make_accelerator would otherwise pick the GPU
-    return device
 
 
 @cli_main

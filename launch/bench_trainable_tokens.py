@@ -17,12 +17,13 @@ from functools import partial
 
 import torch
 
-from bench_llm import ModelArgs, load_bench_model, load_data, packed_loader, prepare_examples, resolve_device
 from hwtools import bench
 from hwtools.config import parse_config
 from hwtools.errors import UserError, cli_main
+from hwtools.llm.bench_models import ModelArgs, load_bench_model, load_data, prepare_examples, resolve_device
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method, default_lr
+from hwtools.llm.pipeline import packed_loader
 
 VARIANTS = ("lora", "lora+tokens-peft", "lora+tokens-indexed")
 QUICK_SIZES = {"hidden_size": 32, "num_layers": 2, "head_dim": 16, "vocab_size": 1024, "batch_size": 2,

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from hwtools.caption import evaluate as cap_eval
-from hwtools.caption import run as cap_run
+from hwtools.caption import pipeline as cap
 from hwtools.caption.data import collate_captions, image_problem
+from hwtools.caption.final import SPEC_FILE, load_final, pick_device
 from hwtools.config import parse_config
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError, cli_main
@@ -61,13 +62,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_config(EvalCaptionArgs, argv)
     run_dir = Path(args.run)
-    if (run_dir / cap_run.SPEC_FILE).is_file():  # given the final/ folder itself
+    if (run_dir / SPEC_FILE).is_file():  # given the final/ folder itself
         run_dir = run_dir.parent
     if not run_dir.is_dir():
         raise UserError(f"--run {run_dir}: no such run directory")
     final = run_dir / "final"
-    model, vocab, spec, data_config = cap_run.load_final(final)
-    device = cap_run.pick_device()
+    model, vocab, spec, data_config = load_final(final)
+    device = pick_device()
     model.to(device)
     beam = spec.get("beam_size", 1) if args.beam_size is None else args.beam_size
     if beam < 1:
@@ -85,16 +86,15 @@ def main(argv=None):
 
     report = DataReport()
     split = args.split or spec.get("split", "random")  # runs saved before --split existed used random
-    cap_run.check_split(split)
-    splits = cap_run.load_splits(spec["data"], args.cache_dir or spec["cache_dir"], spec["seed"], report,
-                                 max_eval_images=spec.get("max_eval_images", 0), split=split)
+    cap.check_split(split)
+    splits = cap.load_splits(spec["data"], args.cache_dir or spec["cache_dir"], spec["seed"], report,
+                             max_eval_images=spec.get("max_eval_images", 0), split=split)
     test_only = {"test": splits["test"]}
     # a fine-tuned encoder's features differ from the cached ones of its starting weights: encode them live
-    inputs = cap_run.prepare_image_inputs(model.encoder, data_config, test_only, spec["finetune_blocks"] == 0,
-                                          args.cache_dir or spec["cache_dir"], device, report, args.batch_size,
-                                          log=None)
-    loader = cap_run.make_loader(cap_run.make_dataset(splits["test"], vocab, max_len, inputs, train=False),
-                                 args.batch_size, shuffle=False)
+    inputs = cap.prepare_image_inputs(model.encoder, data_config, test_only, spec["finetune_blocks"] == 0,
+                                      args.cache_dir or spec["cache_dir"], device, report, args.batch_size, log=None)
+    loader = cap.make_loader(cap.make_dataset(splits["test"], vocab, max_len, inputs, train=False),
+                             args.batch_size, shuffle=False)
     title = f"{spec['arch']} on {spec['data']} ({spec['encoder']} encoder), re-evaluated"
     test, figures = cap_eval.evaluate_and_report(model, loader, vocab, max_len, beam, out_dir, title,
                                                  data_config["input_size"])

@@ -12,22 +12,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
-from hwtools.caption import evaluate as cap_eval
-from hwtools.caption import run as cap_run
+from hwtools.caption import pipeline as cap
 from hwtools.caption.data import collate_captions
+from hwtools.caption.evaluate import epoch_caption_logger
 from hwtools.caption.models import ImageCaptioningModel, build_caption_model
 from hwtools.caption.vocab import VOCAB_FILE
 from hwtools.config import LoopConfig, parse_config
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError, cli_main
-from hwtools.plots import loss_curves
-from hwtools.train.loop import evaluate, make_accelerator, train
+from hwtools.train.loop import make_accelerator, train
 from hwtools.train.meters import count_parameters
-from hwtools.train.phases import PhaseTimer, counting, progress
-from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
+from hwtools.train.phases import PhaseTimer
+from hwtools.train.run_end import evaluate_test_loss
+from hwtools.train.tracking import Tracker, prepare_run_dir, write_json
 
 logger = logging.getLogger("train_caption")
-PER_ARCH = f"default per arch ({cap_run.describe_arch_defaults()})"
+PER_ARCH = f"default per arch ({cap.describe_arch_defaults()})"
 
 
 @dataclass
@@ -77,13 +77,10 @@ class CaptionTrainConfig(LoopConfig):
         "help": "Use the first N validation and test images only (0: all; set only for quick runs)."})
 
     def __post_init__(self):
-        cap_run.check_arch(self.arch)
-        cap_run.check_split(self.split)
+        cap.apply_arch_defaults(self)  # an unknown --arch fails here
+        cap.check_split(self.split)
         if self.num_workers < -1:
             raise UserError(f"--num-workers {self.num_workers}: give -1 (auto) or a count >= 0")
-        for name, value in cap_run.ARCH_DEFAULTS[self.arch].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
 
 
 @cli_main
@@ -97,23 +94,18 @@ def main(argv=None):
     phases.begin("load")
     report = DataReport()
     with accelerator.main_process_first():  # the main process generates the embedded set; the others read it
-        splits = cap_run.load_splits(cfg.data, cfg.cache_dir, cfg.seed, report, cfg.max_train_images,
-                                     cfg.max_eval_images, split=cfg.split)
-    vocab = cap_run.load_or_build_vocab(splits["train"], cfg.min_freq,
-                                        existing=run_dir / VOCAB_FILE if cfg.resume else None)
-    encoder, data_config = cap_run.build_image_encoder(cfg.arch, cfg.encoder, cfg.pretrained, cfg.encoder_weights,
-                                                       cfg.finetune_blocks, log=accelerator.print)
-    knobs = cap_run.decoder_knobs(cfg.arch, cfg)
+        splits = cap.load_splits(cfg.data, cfg.cache_dir, cfg.seed, report, cfg.max_train_images,
+                                 cfg.max_eval_images, split=cfg.split)
+    vocab = cap.load_or_build_vocab(splits["train"], cfg.min_freq,
+                                    existing=run_dir / VOCAB_FILE if cfg.resume else None)
+    encoder, data_config = cap.build_image_encoder(cfg.arch, cfg.encoder, cfg.pretrained, cfg.encoder_weights,
+                                                   cfg.finetune_blocks, log=accelerator.print)
+    knobs = cap.decoder_knobs(cfg.arch, cfg)
     model = ImageCaptioningModel(encoder, build_caption_model(cfg.arch, len(vocab), encoder.out_dim, **knobs))
     with accelerator.main_process_first():  # one process fills the feature cache, the others read it
-        inputs = cap_run.prepare_image_inputs(encoder, data_config, splits, cfg.feature_cache, cfg.cache_dir,
-                                              accelerator.device, report, cfg.eval_batch_size, log=accelerator.print)
-    data = {s: cap_run.make_dataset(items, vocab, cfg.max_len, inputs, train=s == "train")
-            for s, items in splits.items()}
-    workers = cap_run.loader_workers(cfg.num_workers, accelerator.device, inputs, accelerator.num_processes)
-    loaders = {s: cap_run.make_loader(ds, cfg.batch_size if s == "train" else cfg.eval_batch_size,
-                                      shuffle=s == "train", num_workers=workers,
-                                      pin_memory=accelerator.device.type == "cuda") for s, ds in data.items()}
+        inputs = cap.prepare_image_inputs(encoder, data_config, splits, cfg.feature_cache, cfg.cache_dir,
+                                          accelerator.device, report, cfg.eval_batch_size, log=accelerator.print)
+    data, loaders = cap.build_loaders(cfg, splits, vocab, inputs, accelerator.device, accelerator.num_processes)
     report.warn(logger)
     params = count_parameters(model)
     accelerator.print(f"{cfg.arch}: vocabulary {len(vocab)}, images {inputs.cache_note}; train "
@@ -121,11 +113,6 @@ def main(argv=None):
                       f"{len(data['test'])} images; parameters {params['trainable']:,} trainable of "
                       f"{params['total']:,}")
 
-    spec = {"arch": cfg.arch, "encoder": cfg.encoder, "pretrained": cfg.pretrained,
-            "encoder_weights": cfg.encoder_weights, "finetune_blocks": cfg.finetune_blocks, "knobs": knobs,
-            "max_len": cfg.max_len, "beam_size": cfg.beam_size, "data": cfg.data, "split": cfg.split,
-            "seed": cfg.seed,
-            "max_eval_images": cfg.max_eval_images, "cache_dir": cfg.cache_dir}
     config_dict = {"task": "caption", **dataclasses.asdict(cfg), "vocab_size": len(vocab),
                    "encoder_timm_name": encoder.name, "encoder_weights_id": encoder.weights_id,
                    "image_inputs": inputs.cache_note}
@@ -135,52 +122,23 @@ def main(argv=None):
     phases.begin("train")
     tracker = Tracker(accelerator, run_dir, cfg, config_dict)
     sample = collate_captions([data["validation"][0]])
-    result = train(accelerator, model, loaders["train"], cap_run.weighted_caption_loss, cfg, run_dir, tracker,
-                   eval_loader=loaders["validation"], count_fn=cap_run.count_images, throughput_unit="images/s",
-                   on_epoch_end=cap_eval.epoch_caption_logger(accelerator, tracker, sample, vocab, cfg.max_len))
+    result = train(accelerator, model, loaders["train"], cap.weighted_caption_loss, cfg, run_dir, tracker,
+                   eval_loader=loaders["validation"], count_fn=cap.count_images, throughput_unit="images/s",
+                   on_epoch_end=epoch_caption_logger(accelerator, tracker, sample, vocab, cfg.max_len))
     model = result.model
 
-    test = {}
     phases.begin("final_eval")
+    test = {}
     if result.stopped_reason is None:
         test_loader = accelerator.prepare(loaders["test"])
-        bar = progress(len(test_loader), "test loss", "batches", enabled=accelerator.is_local_main_process)
-        test["loss"] = evaluate(accelerator, model, test_loader, counting(cap_run.weighted_caption_loss, bar))
-        bar.close()
+        test["loss"] = evaluate_test_loss(accelerator, model, test_loader, cap.weighted_caption_loss, "test loss")
     if accelerator.is_main_process:
-        title = f"{cfg.arch} on {cfg.data} ({cfg.encoder} encoder)"
-        if result.stopped_reason is None:
-            scores, figures = cap_eval.evaluate_and_report(model, loaders["test"], vocab, cfg.max_len,
-                                                           cfg.beam_size, run_dir, title, data_config["input_size"])
-            test.update(scores)
-            phases.begin("save")
-            tracker.log_images("test_figures", figures, step=result.steps)
-            cap_run.save_final(run_dir / "final", model, vocab, spec)
-        phases.begin("save")
-        events = read_metrics(run_dir)
-        loss_curves({split: ([e["step"] for e in events if e.get("split") == split and "loss" in e],
-                             [e["loss"] for e in events if e.get("split") == split and "loss" in e])
-                     for split in ("train", "eval")}, run_dir / "loss.png", title=title)
-        tracker.log_images("plots", [run_dir / "loss.png"], step=result.steps)
-        summary = write_summary(
-            run_dir, task="caption", method=None, arch=cfg.arch, model=cfg.encoder, data=cfg.data, params=params,
-            resources={**result.resources, "phases": phases.as_dict()}, train={"steps": result.steps, "final_loss": result.final_loss,
-                                               "stopped_reason": result.stopped_reason},
-            eval={"loss": result.eval_loss}, test=test, data_report=report.as_dict(),
-            encoder={"timm_name": encoder.name, "weights": encoder.weights_id, "image_inputs": inputs.cache_note},
-        )
-        tracker.log({"step": result.steps, "split": "test",
-                     **{k: v for k, v in test.items() if isinstance(v, (int, float))}})
-        tracker.summarize(summary)
-        accelerator.print(f"done: {run_dir} (test {_brief(summary['test'])})")
+        summary = cap.write_outputs(run_dir, tracker, cfg, model, loaders["test"], vocab, data_config, knobs, result,
+                                    phases, test=test, params=params, report=report, encoder=encoder, inputs=inputs)
+        accelerator.print(f"done: {run_dir} (test {cap.brief(summary['test'])})")
         accelerator.print(phases.line())
     accelerator.wait_for_everyone()
     tracker.finish()
-
-
-def _brief(test: dict) -> str:
-    keys = ("bleu4", "cider", "beam_bleu4", "beam_cider")
-    return ", ".join(f"{k} {test[k]:.4f}" for k in keys if isinstance(test.get(k), float)) or "not evaluated"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402 - after the environment above
 
+from hwtools.train.accelerate_state import reset_accelerate  # noqa: E402
 from tests.tiny_models import TINY_ARCHS, save_tiny_model  # noqa: E402
 
 
@@ -40,3 +41,13 @@ def caption_cache(tmp_path_factory):
     path = tmp_path_factory.getbasetemp() / "hwtools-cache"  # one per session: generation is atomic and idempotent
     synthetic.ensure_embedded(path)
     return path
+
+
+# ---- accelerate's process-wide state
+@pytest.fixture
+def fresh_accelerate():
+    """A test that builds Accelerators (a recipe's main(), the loop) starts and ends as a fresh process would:
+    accelerate's process-wide state is forgotten before and after it."""
+    reset_accelerate()
+    yield
+    reset_accelerate()

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from hwtools.llm import data as D
+from hwtools.train.accelerate_state import reset_accelerate
 from tests.tiny_models import build_tiny_tokenizer, one_torch_thread, save_tiny_model  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +38,7 @@ def recipe(name: str):
 
 def run_recipe(name: str, argv: list) -> int:
     """Run a recipe's main() in this process as its CLI would; return the exit status."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     # log to this test's captured stderr, as the CLI logs to its stderr (main()'s own basicConfig is then a no-op)
@@ -421,14 +419,14 @@ def test_long_persian_conversations_are_cut_to_whole_exchanges_or_skipped():
 def test_every_llm_training_row_has_trainable_labels(packing):
     """Through the recipe's own loaders, with the long conversations mixed into real rows."""
     from hwtools.data_report import DataReport
+    from hwtools.llm.pipeline import build_loaders
 
     tok = build_tiny_tokenizer()
     report = DataReport()
     rows = [json.loads(x) for x in D.EMBEDDED_TRAIN.read_text(encoding="utf-8").splitlines()[:40]]
     rows += [LONG_QUESTION, LONG_SYSTEM, LONG_ANSWER, LONG_SECOND_EXCHANGE]
     convs = D.conversations_from_rows([(f"row {i}", r) for i, r in enumerate(rows)], report, "test")
-    cfg = recipe("train_llm").LLMTrainConfig(method="lora", batch_size=3, max_length=64)
-    loaders = recipe("train_llm").build_loaders(cfg, tok, {"train": convs}, report, packing)
+    loaders = build_loaders(tok, {"train": convs}, report, max_length=64, batch_size=3, seed=42, packing=packing)
     assert report.skipped_by_reason[D.TOO_LONG] >= 3
     n_rows = 0
     for batch in loaders["train"]:
@@ -445,7 +443,7 @@ def test_every_llm_training_row_has_trainable_labels(packing):
 
 
 def test_long_captions_are_cut_but_keep_their_end():
-    from hwtools.caption import run as cap_run
+    from hwtools.caption import pipeline as cap_run
     from hwtools.caption.data import collate_captions
     from hwtools.caption.vocab import END_ID, PAD_ID, START_ID, Vocab
 

@@ -1,7 +1,6 @@
 """Smoke runs of the CPU step benchmarks (bench_trainable_tokens.py, bench_cpu_dtype.py): they measure nothing on a
 tiny model, but every variant must run and their numbers must be consistent."""
 import json
-import sys
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 """Every recipe answers --help (argparse %-formats help strings: a bare % in one crashed bench_llm.py --help)."""
 import importlib
-import sys
 from pathlib import Path
 
 import pytest

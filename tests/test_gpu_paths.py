@@ -21,6 +21,7 @@ from hwtools.llm import data as llm_data
 from hwtools.llm.loss import causal_lm_loss
 from hwtools.llm.methods import MethodConfig, apply_method, save_finetuned
 from hwtools.llm.models import load_model_and_tokenizer, quantized_device_map, weights_dtype
+from hwtools.train.accelerate_state import reset_accelerate
 from hwtools.train.loop import build_optimizer, make_accelerator, train, use_fused_adamw
 from hwtools.train.tracking import Tracker
 from tests.tiny_models import CHATS, one_torch_thread, tiny_chat_batch  # noqa: F401
@@ -28,11 +29,6 @@ from tests.tiny_models import CHATS, one_torch_thread, tiny_chat_batch  # noqa: 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def chat_examples(tok) -> list[dict]:
@@ -142,7 +138,7 @@ def test_qlora_is_placed_on_the_accelerator_device_not_on_cuda_whenever_it_exist
     assert seen["device_map"] == "cpu"
 
 
-def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_gemma2, tmp_path):
+def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_gemma2, tmp_path, fresh_accelerate):
     """The recipe moves the model first, then the base answers and chrF run (on the device, with the accelerator
     splitting the prompts between processes)."""
     sys.path.insert(0, str(ROOT / "launch"))
@@ -150,9 +146,11 @@ def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_gemm
         import train_llm
     finally:
         sys.path.pop(0)
+    from hwtools.llm import pipeline
+
     events = []
-    real_load, real_answer, real_chrf = (train_llm.load_model_and_tokenizer, train_llm.answer_prompts,
-                                         train_llm.chrf_on_conversations)
+    real_load, real_answer, real_chrf = (train_llm.load_model_and_tokenizer, pipeline.answer_prompts,
+                                         pipeline.chrf_on_conversations)
 
     def load(*args, **kwargs):
         model, tok = real_load(*args, **kwargs)
@@ -169,14 +167,12 @@ def test_base_model_moves_to_the_device_before_it_answers(monkeypatch, tiny_gemm
         return real_chrf(model, tok, convs, n, gen, accelerator)
 
     monkeypatch.setattr(train_llm, "load_model_and_tokenizer", load)
-    monkeypatch.setattr(train_llm, "answer_prompts", answer)
-    monkeypatch.setattr(train_llm, "chrf_on_conversations", chrf)
-    reset_accelerate()
+    monkeypatch.setattr(pipeline, "answer_prompts", answer)
+    monkeypatch.setattr(pipeline, "chrf_on_conversations", chrf)
     out = tmp_path / "run"
     train_llm.main(["--method", "lora", "--model", str(tiny_gemma2), "--output-dir", str(out), "--max-steps", "1",
                     "--batch-size", "2", "--max-length", "96", "--max-train-examples", "8", "--chrf-samples", "1",
                     "--gen-max-new-tokens", "2", "--report-to", "none"])
-    reset_accelerate()
     assert events[0] == ("to", "cpu")
     assert events[1][0] == "answer" and events[2][0] == "chrf"
     assert all(e[1] == "cpu" and e[2] for e in events[1:])
@@ -299,12 +295,9 @@ def test_only_fsdp_and_deepspeed_models_count_as_sharded():
 
 
 def test_recipe_gathers_the_state_dict_only_for_sharded_models():
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import train_llm
-    finally:
-        sys.path.pop(0)
     from accelerate.utils import DistributedType
+
+    from hwtools.llm.pipeline import gathered_state_dict
 
     calls = []
 
@@ -312,9 +305,9 @@ def test_recipe_gathers_the_state_dict_only_for_sharded_models():
         return SimpleNamespace(distributed_type=kind, get_state_dict=lambda m: calls.append(m) or {"w": 1})
 
     model = torch.nn.Linear(2, 2)
-    assert train_llm.gathered_state_dict(acc(DistributedType.FSDP), model) == {"w": 1}
-    assert train_llm.gathered_state_dict(acc(DistributedType.DEEPSPEED), model) == {"w": 1}
-    assert train_llm.gathered_state_dict(acc(DistributedType.MULTI_GPU), model) is None
+    assert gathered_state_dict(acc(DistributedType.FSDP), model) == {"w": 1}
+    assert gathered_state_dict(acc(DistributedType.DEEPSPEED), model) == {"w": 1}
+    assert gathered_state_dict(acc(DistributedType.MULTI_GPU), model) is None
     assert calls == [model, model]
 
 
@@ -354,20 +347,17 @@ def test_flattened_rows_keep_examples_apart_like_packed_rows(tiny_gemma2, tmp_pa
 
 
 def test_recipe_flattens_packed_batches_under_flash_attention(tiny_gemma2):
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import train_llm
-    finally:
-        sys.path.pop(0)
     from transformers import AutoTokenizer
 
     from hwtools.data_report import DataReport
+    from hwtools.llm.pipeline import build_loaders
 
     tok = AutoTokenizer.from_pretrained(tiny_gemma2)
     convs = [list(c) for c in CHATS] * 3
     for attn, rows in (("flash_attention_2", 1), ("eager", 2)):
-        cfg = train_llm.LLMTrainConfig(method="lora", batch_size=2, max_length=64, attn_implementation=attn)
-        batch = next(iter(train_llm.build_loaders(cfg, tok, {"train": convs}, DataReport(), True)["train"]))
+        loaders = build_loaders(tok, {"train": convs}, DataReport(), max_length=64, batch_size=2, seed=42,
+                                packing=True, attn_implementation=attn)
+        batch = next(iter(loaders["train"]))
         assert batch["input_ids"].shape[0] == rows
 
 
@@ -375,7 +365,7 @@ def test_recipe_flattens_packed_batches_under_flash_attention(tiny_gemma2):
 
 
 def test_caption_loaders_use_workers_for_live_images_on_cuda():
-    from hwtools.caption import run as cap_run
+    from hwtools.caption import pipeline as cap_run
 
     live = cap_run.ImageInputs(None, None, lambda x: x, "live")
     cached = cap_run.ImageInputs({"a": torch.zeros(1)}, None, lambda x: x, "cached")

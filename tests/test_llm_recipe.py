@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hwtools.llm.methods import METHODS
+from hwtools.train.accelerate_state import reset_accelerate
 from tests.tiny_models import build_tiny_tokenizer, one_torch_thread  # noqa: F401
 from tests.wandb_runs import wandb_inspect
 
@@ -19,10 +20,7 @@ FAST = ["--max-steps", "2", "--batch-size", "2", "--max-length", "96", "--max-tr
 
 def run_main(argv):
     """Run the recipe in this process (imports are already paid for); accelerate's singletons are reset first."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     sys.path.insert(0, str(ROOT / "launch"))
     try:
         import train_llm

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hwtools.config import LoopConfig, parse_config
 from hwtools.errors import UserError
+from hwtools.train.accelerate_state import reset_accelerate
 from hwtools.train.checkpoint import latest_checkpoint
 from hwtools.train.loop import make_accelerator, train
 from hwtools.train.tracking import Tracker, prepare_run_dir, read_metrics, write_json, write_summary
@@ -39,13 +39,6 @@ def toy_model(dropout=0.1):
 
 def mse(model, batch):
     return nn.functional.mse_loss(model(batch["x"]), batch["y"]), batch["x"].shape[0]
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run_toy(tmp_path, loss_fn=mse, model=None, data=None, shuffle=True, **overrides):

@@ -72,7 +72,6 @@ def test_compare_rebuilds_the_committed_tables_from_the_committed_summaries(tmp_
 # ---------------------------------------------------------------------------------------------------- REPORT.md
 # An independent reader of the selectors documented in hwtools/report_sources.py: the report's numbers are checked
 # against the files by code that does not share the builder's.
-import glob  # noqa: E402
 import re  # noqa: E402
 
 

@@ -173,105 +173,14 @@ def test_caption_two_ranks_match_double_batch(caption_cache, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- sharding
-SHARD_PROBE = r'''
-"""Run under torchrun: build each recipe's train and validation loaders as the recipe does, prepare them as the loop
-does, and record which examples each rank gets (train: one epoch; validation: through hwtools' evaluate())."""
-import json, sys
-from pathlib import Path
-
-import torch
-from accelerate.utils import gather_object
-
-from hwtools.config import LoopConfig
-from hwtools.data_report import DataReport
-from hwtools.train.loop import evaluate, make_accelerator
-
-spec = json.loads(Path(sys.argv[1]).read_text())
-acc = make_accelerator(LoopConfig(seed=42))
-probe = acc.prepare(torch.nn.Linear(1, 1))  # DDP-wrapped, as the model is when the loop evaluates
-
-
-def record(loader, key_fn, key_index, train):
-    seen = []
-    if train:
-        loader.set_epoch(0)
-        for batch in loader:
-            seen += [key_index[k] for k in key_fn(batch)]
-    else:
-        def loss_fn(model, batch):
-            keys = key_fn(batch)
-            seen.extend(key_index[k] for k in keys)
-            return torch.zeros((), device=acc.device), float(len(keys))
-        evaluate(acc, probe, loader, loss_fn)
-    return gather_object([seen])
-
-
-def probe_loaders(name, datasets, loaders, key_of_item, key_fn):
-    for split, train in (("train", True), ("validation", False)):
-        keys = [key_of_item(item) for item in datasets[split]]
-        key_index = {}
-        for k in keys:
-            key_index.setdefault(k, len(key_index))
-        result = record(acc.prepare(loaders[split]), key_fn, key_index, train)
-        out[f"{name}/{split}"] = {"dataset": [key_index[k] for k in keys], "ranks": result,
-                                 "batch_size": loaders[split].batch_size}
-
-
-out = {}
-# LLM: packed blocks of the real recipe
-sys.path.insert(0, str(Path(spec["root"]) / "launch"))
-import train_llm
-from transformers import AutoTokenizer
-from hwtools.llm import data as llm_data
-
-# a larger validation split than the default, so that its batches reach both ranks
-cfg = train_llm.LLMTrainConfig(method="lora", batch_size=spec["llm_batch"], max_length=96, val_frac=0.2)
-tok = AutoTokenizer.from_pretrained(spec["model"])
-splits = llm_data.load_splits(spec["data"], DataReport(), cfg.val_frac, cfg.test_frac, cfg.seed)
-loaders = train_llm.build_loaders(cfg, tok, splits, DataReport(), packing=True)
-pad = tok.pad_token_id
-
-
-def block_keys(batch):
-    rows = batch["input_ids"].tolist()
-    while any(r and r[-1] == pad for r in rows):
-        rows = [r[:-1] if r and r[-1] == pad else r for r in rows]
-    return [tuple(r) for r in rows]
-
-
-probe_loaders("llm", {s: loaders[s].dataset for s in loaders}, loaders, lambda b: tuple(b["input_ids"]), block_keys)
-
-# captions: the recipe's datasets and loaders over the embedded set (features stubbed: only the order matters here)
-from hwtools.caption import run as cap_run
-from hwtools.caption.vocab import Vocab
-
-csplits = cap_run.load_splits("embedded", spec["cache"], 42, DataReport(), 32, 6)
-vocab = Vocab.build([c for caps in csplits["train"].values() for c in caps], 5)
-feats = {p: torch.zeros(1) for items in csplits.values() for p in items}
-inputs = cap_run.ImageInputs(feats, None, None, "stub")
-cdata = {s: cap_run.make_dataset(csplits[s], vocab, 20, inputs, train=s == "train") for s in ("train", "validation")}
-cloaders = {"train": cap_run.make_loader(cdata["train"], spec["caption_batch"], shuffle=True),
-            "validation": cap_run.make_loader(cdata["validation"], 4, shuffle=False)}
-
-
-def caption_keys(batch):
-    return [(img, tuple(ids)) for img, ids in zip(batch["image_id"], batch["caption_ids"].tolist())]
-
-
-probe_loaders("caption", cdata, cloaders, lambda it: (it["image_id"], tuple(it["caption_ids"].tolist())), caption_keys)
-if acc.is_main_process:
-    Path(spec["out"]).write_text(json.dumps(out))
-'''
-
-
 @pytest.mark.integration
 def test_prepared_loaders_give_each_example_to_one_rank(llm_inputs, caption_cache, tmp_path):
-    spec = {"root": str(ROOT), "model": str(llm_inputs["model"]), "data": str(llm_inputs["data"]),
-            "cache": str(caption_cache), "llm_batch": 3, "caption_batch": 6, "out": str(tmp_path / "shards.json")}
+    spec = {"model": str(llm_inputs["model"]), "data": str(llm_inputs["data"]), "cache": str(caption_cache),
+            "llm_batch": 3, "caption_batch": 6, "out": str(tmp_path / "shards.json")}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "probe.py").write_text(SHARD_PROBE)
     log = tmp_path / "probe.log"
-    finish({"probe": (launch(torchrun(tmp_path / "probe.py", [tmp_path / "spec.json"]), log), log)})
+    finish({"probe": (launch(torchrun(ROOT / "tests" / "programs" / "shard_probe.py", [tmp_path / "spec.json"]), log),
+                      log)})
     shards = json.loads((tmp_path / "shards.json").read_text())
     assert set(shards) == {"llm/train", "llm/validation", "caption/train", "caption/validation"}
     for name, s in shards.items():

@@ -1,4 +1,5 @@
-"""Tiny random Gemma-2 / Llama / Gemma-3 causal LMs and a tiny byte-level BPE tokenizer, for fast CPU tests.
+"""Tiny random Gemma-2 / Llama / Gemma-3 causal LMs and a tiny byte-level BPE tokenizer, for fast CPU tests (built
+with hwtools.llm.tiny, at the sizes and weights the tests expect).
 
 The tokenizer mimics Gemma's: ids 0..3 are <pad>, <eos>, <bos>, <unk>, then <start_of_turn> / <end_of_turn>; it
 prepends <bos> like Gemma's and carries the Gemma chat template. The models share its vocabulary and special ids.
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-TINY_ARCHS = ("gemma2", "llama", "gemma3")
+from hwtools.llm.tiny import TINY_ARCHS, SPECIAL_TOKENS, train_bpe_tokenizer  # noqa: F401  (re-exported)
+from hwtools.llm.tiny import tiny_config as hwtools_tiny_config
+
 TINY_LAYERS = 6  # enough for partial tuning's 2 + 2 trained layers to leave 2 frozen in the middle
 TINY_HIDDEN = 64
 TINY_INTERMEDIATE = 128
@@ -18,7 +21,6 @@ TINY_HEADS = 4
 TINY_KV_HEADS = 2
 TINY_HEAD_DIM = 16
 TINY_VOCAB = 512
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 # Persian and English text so that the BPE merges cover both scripts (the pipeline's data is Persian).
 _CORPUS = [
@@ -44,65 +46,16 @@ def one_torch_thread():
 
 
 def build_tiny_tokenizer(vocab_size: int = TINY_VOCAB):
-    """A byte-level BPE tokenizer (vocab_size entries) with Gemma's special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from hwtools.llm.templates import GEMMA_CHAT_TEMPLATE
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", bos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.chat_template = GEMMA_CHAT_TEMPLATE
-    return fast
+    """A byte-level BPE tokenizer (vocab_size entries) with Gemma's special tokens and chat template, prepending
+    <bos> like Gemma's."""
+    return train_bpe_tokenizer(_CORPUS * 4, vocab_size, prepend_bos=True)
 
 
 def tiny_config(arch: str, vocab_size: int = TINY_VOCAB):
     """The config of a 6-layer, 64-wide model of `arch` (gemma2 | llama | gemma3) with the tiny tokenizer's ids."""
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=TINY_INTERMEDIATE,
-        num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=TINY_HEADS,
-        num_key_value_heads=TINY_KV_HEADS,
-        head_dim=TINY_HEAD_DIM,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
-    if arch == "gemma2":
-        from transformers import Gemma2Config
-
-        return Gemma2Config(**common, query_pre_attn_scalar=TINY_HEAD_DIM, sliding_window=32,
-                            final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
-    if arch == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**common, tie_word_embeddings=False)
-    if arch == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        # Gemma-3's 5 sliding : 1 full layer pattern; a final softcap the real Gemma-3 lacks, so that the loss's
-        # softcapping path is tested on two architectures
-        return Gemma3TextConfig(**common, query_pre_attn_scalar=TINY_HEAD_DIM, sliding_window=32,
-                                final_logit_softcapping=20.0)
-    raise ValueError(f"unknown tiny arch {arch!r}; choose one of {TINY_ARCHS}")
+    return hwtools_tiny_config(arch, vocab_size, hidden_size=TINY_HIDDEN, num_layers=TINY_LAYERS,
+                               head_dim=TINY_HEAD_DIM, intermediate_size=TINY_INTERMEDIATE, num_heads=TINY_HEADS,
+                               num_kv_heads=TINY_KV_HEADS)
 
 
 def build_tiny_model(arch: str, vocab_size: int = TINY_VOCAB, seed: int = 0):

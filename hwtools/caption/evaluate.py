@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 
 from hwtools.caption import synthetic
@@ -42,10 +43,6 @@ CAPTION_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cid
 # --------------------------------------------------------------------------------------------------- captioning
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def caption_batch(model, batch: dict, vocab: Vocab, max_len: int, beam_size: int = 1):
     """Captions of a batch (greedy, or beam search when beam_size > 1) -> [(text, alphas (n_words, R) | None)]."""
@@ -53,7 +50,7 @@ def caption_batch(model, batch: dict, vocab: Vocab, max_len: int, beam_size: int
     was_training = model.training
     model.eval()  # a fine-tuned encoder's BatchNorm must not learn from the images it captions
     try:
-        features = model.encode(_to_device(batch, device))
+        features = model.encode(send_to_device(batch, device))
         if beam_size > 1:
             ids, alphas = beam_search(model, features, beam_size, max_len)
         else:

@@ -20,7 +20,20 @@ from hwtools.errors import UserError
 from hwtools.llm.models import EMBEDDED, find_decoder_layers, load_model_and_tokenizer, unwrap_model
 from hwtools.train.meters import count_parameters, numel_of
 
-METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning", "lora", "dora", "rslora", "qlora", "partial", "full")
+# The method table, as PEFT maps a PeftType to its tuner and timm registers models: name -> builder(model, cfg,
+# tokenizer, token ids of PEFT trainable tokens) -> the trainable model. Its order is the CLI's.
+METHOD_BUILDERS: dict[str, Callable] = {
+    "prompt-tuning": lambda model, cfg, tokenizer, ids: build_prompt_tuning(model, cfg, tokenizer),
+    "prefix-tuning": lambda model, cfg, tokenizer, ids: build_prefix_tuning(model, cfg, tokenizer),
+    "p-tuning": lambda model, cfg, tokenizer, ids: build_p_tuning(model, cfg),
+    "lora": lambda model, cfg, tokenizer, ids: build_lora(model, cfg, token_ids=ids),
+    "dora": lambda model, cfg, tokenizer, ids: build_lora(model, cfg, use_dora=True, token_ids=ids),
+    "rslora": lambda model, cfg, tokenizer, ids: build_lora(model, cfg, use_rslora=True, token_ids=ids),
+    "qlora": lambda model, cfg, tokenizer, ids: build_qlora(model, cfg, token_ids=ids),
+    "partial": lambda model, cfg, tokenizer, ids: build_partial(model, cfg),
+    "full": lambda model, cfg, tokenizer, ids: build_full(model),
+}
+METHODS = tuple(METHOD_BUILDERS)
 SOFT_PROMPT_METHODS = ("prompt-tuning", "prefix-tuning", "p-tuning")
 LORA_METHODS = ("lora", "dora", "rslora", "qlora")
 PEFT_METHODS = SOFT_PROMPT_METHODS + LORA_METHODS
@@ -472,20 +485,7 @@ def apply_method(model: nn.Module, cfg: MethodConfig, tokenizer=None, log: Optio
     check_method_config(cfg)
     m = cfg.method
     tokens = tokens or choose_trainable_tokens(cfg, model, tokenizer)
-    if m == "prompt-tuning":
-        model = build_prompt_tuning(model, cfg, tokenizer)
-    elif m == "prefix-tuning":
-        model = build_prefix_tuning(model, cfg, tokenizer)
-    elif m == "p-tuning":
-        model = build_p_tuning(model, cfg)
-    elif m in ("lora", "dora", "rslora"):
-        model = build_lora(model, cfg, use_dora=m == "dora", use_rslora=m == "rslora", token_ids=tokens.ids)
-    elif m == "qlora":
-        model = build_qlora(model, cfg, token_ids=tokens.ids)
-    elif m == "partial":
-        model = build_partial(model, cfg)
-    else:
-        model = build_full(model)
+    model = METHOD_BUILDERS[m](model, cfg, tokenizer, tokens.ids)
     if m in ("partial", "full"):
         keep_trained_weights_fp32(model)
     if log is not None:

@@ -8,6 +8,7 @@ index_select(0, ...).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -19,26 +20,51 @@ from hwtools.caption.models.show_tell import ShowTell
 from hwtools.caption.models.transformer import CaptionTransformer
 from hwtools.errors import UserError
 
-ARCHS = {"cnn-rnn": ShowTell, "attention": ShowAttendTell, "transformer": CaptionTransformer}
 
-__all__ = ["ARCHS", "CaptionTransformer", "ImageCaptioningModel", "ShowAttendTell", "ShowTell",
+@dataclass(frozen=True)
+class Arch:
+    """A captioning architecture: its decoder class, the config fields its constructor's keywords come from
+    (keyword -> field), and the training defaults that differ by architecture (for config fields left None)."""
+
+    decoder: type
+    knobs: dict
+    defaults: dict
+
+
+_LSTM_KNOBS = {"embed_dim": "embed_dim", "hidden_dim": "hidden_dim", "dropout": "dropout"}
+# The one table of architectures. Defaults: the LSTMs use the heavy dropout of Show and Tell, the Transformer the
+# usual 0.1. The rate is the same for all three: on the embedded set over 5 epochs the pre-norm Transformer reached
+# BLEU-4 0.41 at 1e-3 against 0.35 at 3e-4 (it underfit).
+ARCHS = {
+    "cnn-rnn": Arch(ShowTell, {**_LSTM_KNOBS, "num_layers": "num_layers",
+                               "image_as_first_input": "image_as_first_input"},
+                    {"lr": 1e-3, "dropout": 0.5, "num_layers": 1}),
+    "attention": Arch(ShowAttendTell, {**_LSTM_KNOBS, "attention_dim": "attention_dim", "alpha_c": "alpha_c"},
+                      {"lr": 1e-3, "dropout": 0.5}),  # one LSTM cell: no num_layers
+    "transformer": Arch(CaptionTransformer, {"d_model": "d_model", "nhead": "heads", "num_layers": "num_layers",
+                                             "dim_feedforward": "ff_dim", "dropout": "dropout"},
+                        {"lr": 1e-3, "dropout": 0.1, "num_layers": 2}),
+}
+
+__all__ = ["ARCHS", "Arch", "CaptionTransformer", "ImageCaptioningModel", "ShowAttendTell", "ShowTell", "arch_spec",
            "build_caption_model", "caption_loss", "encoder_output_for"]
 
 
-def encoder_output_for(arch: str) -> str:
-    """The encoder output an architecture reads: "pooled" vector (cnn-rnn) or "spatial" regions (the others)."""
-    return _arch_class(arch).feature_kind
-
-
-def _arch_class(arch: str):
+def arch_spec(arch: str) -> Arch:
+    """The ARCHS entry of `arch`; an unknown name is a UserError listing the choices."""
     if arch not in ARCHS:
         raise UserError(f"--arch {arch}: choose one of {', '.join(ARCHS)}")
     return ARCHS[arch]
 
 
+def encoder_output_for(arch: str) -> str:
+    """The encoder output an architecture reads: "pooled" vector (cnn-rnn) or "spatial" regions (the others)."""
+    return arch_spec(arch).decoder.feature_kind
+
+
 def build_caption_model(arch: str, vocab_size: int, encoder_dim: int, **knobs) -> nn.Module:
     """The decoder of `arch` ("cnn-rnn" | "attention" | "transformer"); knobs are its constructor's keywords."""
-    return _arch_class(arch)(vocab_size=vocab_size, encoder_dim=encoder_dim, **knobs)
+    return arch_spec(arch).decoder(vocab_size=vocab_size, encoder_dim=encoder_dim, **knobs)
 
 
 class ImageCaptioningModel(nn.Module):

@@ -1,11 +1,11 @@
-"""Building the pieces of a captioning run from its settings, and saving/rebuilding a trained captioner.
+"""The pieces of a captioning run, from its settings: arch settings, data splits, vocabulary, image inputs (feature
+cache or live transforms), datasets and loaders, and the files the run ends with. train_caption.py assembles them;
+eval_caption.py and bench_caption.py build the same inputs (hwtools.caption.final saves and rebuilds the model).
 
-train_caption.py and eval_caption.py both go through here, so a saved run is rebuilt exactly as it was trained:
-`final/` holds the decoder weights, `vocab.json` and `caption_model.json` (arch, encoder, knobs, data and split).
+The twin of hwtools.llm.pipeline.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -18,34 +18,27 @@ from torch.utils.data import DataLoader
 from hwtools.caption.data import (SPLIT_CHOICES, CaptionDataset, collate_captions, load_captions, make_splits,
                                   official_lists)
 from hwtools.caption.encoders import build_encoder
+from hwtools.caption.evaluate import evaluate_and_report
 from hwtools.caption.features import load_or_build_feature_cache
-from hwtools.caption.models import ImageCaptioningModel, build_caption_model, caption_loss, encoder_output_for
+from hwtools.caption.final import save_final
+from hwtools.caption.models import ARCHS, arch_spec, caption_loss, encoder_output_for
 from hwtools.caption.transforms import build_transforms
-from hwtools.caption.vocab import VOCAB_FILE, Vocab
+from hwtools.caption.vocab import Vocab
 from hwtools.data_report import DataReport
 from hwtools.errors import UserError
-
-# Defaults that differ by architecture (a None field in the config takes the arch's value): the LSTMs use the
-# heavy dropout of Show and Tell, the Transformer the usual 0.1. The rate is the same for all three: on the embedded
-# set over 5 epochs the pre-norm Transformer reached BLEU-4 0.41 at 1e-3 against 0.35 at 3e-4 (it underfit).
-ARCH_DEFAULTS = {
-    "cnn-rnn": {"lr": 1e-3, "dropout": 0.5, "num_layers": 1},
-    "attention": {"lr": 1e-3, "dropout": 0.5},  # one LSTM cell: no num_layers
-    "transformer": {"lr": 1e-3, "dropout": 0.1, "num_layers": 2},
-}
-SPEC_FILE = "caption_model.json"
-DECODER_FILE = "decoder.safetensors"
-ENCODER_FILE = "encoder.safetensors"
+from hwtools.train.run_end import write_run_end
 
 
 def describe_arch_defaults() -> str:
-    """The ARCH_DEFAULTS table as one line, for --help."""
-    return "; ".join(f"{a}: " + ", ".join(f"{k}={v}" for k, v in d.items()) for a, d in ARCH_DEFAULTS.items())
+    """The archs' training defaults (models.ARCHS) as one line, for --help."""
+    return "; ".join(f"{a}: " + ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) for a, spec in ARCHS.items())
 
 
-def check_arch(arch: str) -> None:
-    if arch not in ARCH_DEFAULTS:
-        raise UserError(f"--arch {arch}: choose one of {', '.join(ARCH_DEFAULTS)}")
+def apply_arch_defaults(cfg) -> None:
+    """Give the config's unset (None) per-arch fields the values of its arch (an unknown arch: UserError)."""
+    for name, value in arch_spec(cfg.arch).defaults.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
 
 
 def check_split(split: str) -> None:
@@ -55,15 +48,7 @@ def check_split(split: str) -> None:
 
 def decoder_knobs(arch: str, cfg) -> dict:
     """Constructor keywords of the arch's decoder, taken from the config fields of the same meaning."""
-    check_arch(arch)
-    if arch == "cnn-rnn":
-        return {"embed_dim": cfg.embed_dim, "hidden_dim": cfg.hidden_dim, "num_layers": cfg.num_layers,
-                "dropout": cfg.dropout, "image_as_first_input": cfg.image_as_first_input}
-    if arch == "attention":
-        return {"embed_dim": cfg.embed_dim, "hidden_dim": cfg.hidden_dim, "attention_dim": cfg.attention_dim,
-                "dropout": cfg.dropout, "alpha_c": cfg.alpha_c}
-    return {"d_model": cfg.d_model, "nhead": cfg.heads, "num_layers": cfg.num_layers,
-            "dim_feedforward": cfg.ff_dim, "dropout": cfg.dropout}
+    return {keyword: getattr(cfg, name) for keyword, name in arch_spec(arch).knobs.items()}
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -135,11 +120,18 @@ def prepare_image_inputs(encoder, data_config: dict, splits: Mapping[str, Mappin
 
         feats = encode_images(encoder, paths, eval_tf, batch_size, device=device, report=report)
         return ImageInputs(feats, None, eval_tf, "features in memory (random encoder weights, not cached)")
+    feats = cached_features(encoder, paths, eval_tf, cache_dir, batch_size, device, report, log)
+    return ImageInputs(feats, None, eval_tf, "cached features")
+
+
+def cached_features(encoder, paths, eval_tf, cache_dir, batch_size: int = 32, device=None,
+                    report: Optional[DataReport] = None, log: Optional[Callable[[str], None]] = print) -> dict:
+    """{path: features} of a frozen encoder with known weights, from the on-disk cache every script shares (keyed
+    by encoder + weights + output + transform), encoding the images it lacks."""
     # "upright": features of images read with their EXIF orientation applied (older caches did not)
     key = (encoder.name, encoder.weights_id, encoder.output, repr(eval_tf), "upright")
-    feats = load_or_build_feature_cache(Path(cache_dir) / "caption-features", key, encoder, paths, eval_tf,
-                                        batch_size, device=device, report=report, log=log)
-    return ImageInputs(feats, None, eval_tf, "cached features")
+    return load_or_build_feature_cache(Path(cache_dir).expanduser() / "caption-features", key, encoder, paths,
+                                       eval_tf, batch_size, device=device, report=report, log=log)
 
 
 def make_dataset(items, vocab: Vocab, max_len: int, inputs: ImageInputs, train: bool) -> CaptionDataset:
@@ -154,6 +146,17 @@ def make_dataset(items, vocab: Vocab, max_len: int, inputs: ImageInputs, train: 
 def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_captions,
                       num_workers=num_workers, pin_memory=pin_memory)
+
+
+def build_loaders(cfg, splits, vocab: Vocab, inputs: ImageInputs, device, num_processes: int = 1):
+    """{split: dataset} and {split: DataLoader} of the recipe: train shuffled in --batch-size captions, the others
+    in --eval-batch-size images; workers as loader_workers chooses, pinned memory on a GPU."""
+    data = {s: make_dataset(items, vocab, cfg.max_len, inputs, train=s == "train") for s, items in splits.items()}
+    workers = loader_workers(cfg.num_workers, device, inputs, num_processes)
+    loaders = {s: make_loader(ds, cfg.batch_size if s == "train" else cfg.eval_batch_size, shuffle=s == "train",
+                              num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+               for s, ds in data.items()}
+    return data, loaders
 
 
 MAX_AUTO_WORKERS = 4
@@ -183,48 +186,39 @@ def count_images(batch: dict) -> int:
     return len(batch["image_id"])
 
 
-# -------------------------------------------------------------------------------------------- save / rebuild
+# ------------------------------------------------------------------------------------------------------ outputs
 
 
-def save_final(out_dir: Path, model: ImageCaptioningModel, vocab: Vocab, spec: dict) -> Path:
-    """final/: decoder weights, the encoder's too when it was fine-tuned, vocab.json and caption_model.json."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()},
-              str(out_dir / DECODER_FILE))
-    if spec.get("finetune_blocks", 0) > 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
-                  str(out_dir / ENCODER_FILE))
-    vocab.save(out_dir / VOCAB_FILE)
-    (out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2), encoding="utf-8")
-    return out_dir
+def run_spec(cfg, knobs: dict) -> dict:
+    """caption_model.json: what rebuilds the trained captioner and re-evaluates it as it was trained."""
+    return {"arch": cfg.arch, "encoder": cfg.encoder, "pretrained": cfg.pretrained,
+            "encoder_weights": cfg.encoder_weights, "finetune_blocks": cfg.finetune_blocks, "knobs": knobs,
+            "max_len": cfg.max_len, "beam_size": cfg.beam_size, "data": cfg.data, "split": cfg.split,
+            "seed": cfg.seed, "max_eval_images": cfg.max_eval_images, "cache_dir": cfg.cache_dir}
 
 
-def load_final(final_dir: Path, log: Optional[Callable[[str], None]] = None):
-    """Rebuild a saved captioner -> (ImageCaptioningModel in eval mode, vocab, spec, timm data config)."""
-    from safetensors.torch import load_file
-
-    final_dir = Path(final_dir)
-    spec_path = final_dir / SPEC_FILE
-    if not spec_path.is_file():
-        raise UserError(f"{final_dir}: no {SPEC_FILE}; is this the final/ folder of a finished captioning run?")
-    try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        arch, knobs = spec["arch"], spec["knobs"]
-    except (ValueError, KeyError) as e:
-        raise UserError(f"{spec_path}: not a caption model description ({e})") from None
-    vocab = Vocab.load(final_dir / VOCAB_FILE)
-    encoder, data_config = build_image_encoder(arch, spec["encoder"], spec.get("pretrained", False),
-                                               spec.get("encoder_weights"), 0, log=log)
-    if (final_dir / ENCODER_FILE).is_file():
-        encoder.load_state_dict(load_file(str(final_dir / ENCODER_FILE)))
-    decoder = build_caption_model(arch, len(vocab), encoder.out_dim, **knobs)
-    decoder.load_state_dict(load_file(str(final_dir / DECODER_FILE)))
-    model = ImageCaptioningModel(encoder, decoder).eval()
-    return model, vocab, spec, data_config
+def write_outputs(run_dir: Path, tracker, cfg, model, test_loader, vocab: Vocab, data_config: dict, knobs: dict,
+                  result, phases, *, test: dict, params: dict, report: DataReport, encoder, inputs: ImageInputs
+                  ) -> dict:
+    """Main process only: for a finished run the test captions scored (greedy + beam) into `test` (which holds the
+    test loss), with their figures, and final/; then loss.png and summary.json."""
+    title = f"{cfg.arch} on {cfg.data} ({cfg.encoder} encoder)"
+    finished = result.stopped_reason is None
+    if finished:
+        scores, figures = evaluate_and_report(model, test_loader, vocab, cfg.max_len, cfg.beam_size, run_dir, title,
+                                              data_config["input_size"])
+        test.update(scores)
+    phases.begin("save")
+    if finished:
+        tracker.log_images("test_figures", figures, step=result.steps)
+        save_final(run_dir / "final", model, vocab, run_spec(cfg, knobs))
+    return write_run_end(run_dir, tracker, result, phases, test, title, task="caption", method=None, arch=cfg.arch,
+                         model=cfg.encoder, data=cfg.data, params=params, data_report=report.as_dict(),
+                         encoder={"timm_name": encoder.name, "weights": encoder.weights_id,
+                                  "image_inputs": inputs.cache_note})
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def brief(test: dict) -> str:
+    """The headline test scores in one line."""
+    keys = ("bleu4", "cider", "beam_bleu4", "beam_cider")
+    return ", ".join(f"{k} {test[k]:.4f}" for k in keys if isinstance(test.get(k), float)) or "not evaluated"
