@@ -523,9 +523,7 @@ def real_size_method(args: BenchLLMArgs, method: str, model_dir: Path, examples,
     run_dir.mkdir()
     cfg = loop_config(args, run_dir, bf16, steps=args.real_size_steps, batch_size=1, lr=default_lr(method))
     accelerator = make_accelerator(cfg)
-    loaded = model
-    model = trainable_model(lambda: loaded, args, accelerator.device, method, tokenizer)
-    del loaded
+    model = trainable_model(lambda loaded=model: loaded, args, accelerator.device, method, tokenizer)
     params = count_parameters(model)
     loader = padded_loader(examples * args.real_size_steps, 1, tokenizer.pad_token_id)
     result = train(accelerator, model, loader, causal_lm_loss, cfg, run_dir, Tracker(accelerator, run_dir, cfg, {}),
