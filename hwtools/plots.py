@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Lay out, write (110 dpi, parent folders made) and close `fig` -> its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -33,7 +34,7 @@ def loss_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def run_loss_curves(events: Sequence[Mapping], path, title="loss"):
@@ -50,7 +51,7 @@ def histogram(values: Sequence[float], path, title="", xlabel="", bins=50):
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], path, title="", ylabel="", horizontal=False):
@@ -63,7 +64,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path, title="", yl
         ax.set_ylabel(ylabel)
         plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def scatter(xs: Sequence[float], ys: Sequence[float], path, title="", xlabel="", ylabel="", alpha=0.3):
@@ -72,7 +73,7 @@ def scatter(xs: Sequence[float], ys: Sequence[float], path, title="", xlabel="",
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_grid(images: Sequence, captions: Sequence[str], path, cols=5, title=""):
@@ -90,7 +91,7 @@ def image_grid(images: Sequence, captions: Sequence[str], path, cols=5, title=""
         ax.set_title("\n".join(textwrap.wrap(cap, 34)), fontsize=7)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def metric_panels(labels: Sequence[str], panels: Mapping[str, Sequence[float | None]], path, title=""):
@@ -106,7 +107,7 @@ def metric_panels(labels: Sequence[str], panels: Mapping[str, Sequence[float | N
         plt.setp(ax.get_xticklabels(), rotation=35, ha="right", fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def caption_samples(images: Sequence, generated: Sequence[str], references: Sequence[Sequence[str]], path,
@@ -127,7 +128,7 @@ def caption_samples(images: Sequence, generated: Sequence[str], references: Sequ
         ax.text(0.0, -0.03, ref_text, transform=ax.transAxes, fontsize=6.5, va="top", ha="left")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def attention_maps(image, words: Sequence[str], maps, path, cols=5, title=""):
@@ -156,4 +157,4 @@ def attention_maps(image, words: Sequence[str], maps, path, cols=5, title=""):
         ax.set_title(word, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

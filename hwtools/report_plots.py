@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from hwtools.plots import save_figure  # noqa: E402
+
 Curve = tuple[Sequence[float], Sequence[float]]
 
 
@@ -54,9 +56,4 @@ def loss_panels(runs: Mapping[str, Mapping[str, Curve]], path, title: str = "", 
     axes.flat[0].legend(fontsize=7, loc="upper right")
     if title:
         fig.suptitle(title, fontsize=11)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
