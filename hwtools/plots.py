@@ -76,16 +76,21 @@ def scatter(xs: Sequence[float], ys: Sequence[float], path, title="", xlabel="",
     return save_figure(fig, path)
 
 
+def _image_axes(n: int, cols: int, cell: tuple[float, float]):
+    """A grid of at most `cols` columns for n images, axes off, each cell `cell` inches (w, h)."""
+    cols = min(cols, max(n, 1))
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
 def image_grid(images: Sequence, captions: Sequence[str], path, cols=5, title=""):
     """Images (PIL or HxWxC arrays) with a wrapped caption under each."""
     import textwrap
 
-    n = len(images)
-    cols = min(cols, max(n, 1))
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _image_axes(len(images), cols, (3.2, 3.6))
     for ax, img, cap in zip(axes.flat, images, captions):
         ax.imshow(img)
         ax.set_title("\n".join(textwrap.wrap(cap, 34)), fontsize=7)
@@ -115,12 +120,7 @@ def caption_samples(images: Sequence, generated: Sequence[str], references: Sequ
     """Images with the generated caption (bold) above up to `max_refs` reference captions, side by side."""
     import textwrap
 
-    n = len(images)
-    cols = min(cols, max(n, 1))
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 4.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = _image_axes(len(images), cols, (3.4, 4.6))
     for ax, img, gen, refs in zip(axes.flat, images, generated, references):
         ax.imshow(img)
         ax.set_title("\n".join(textwrap.wrap(f"gen: {gen or '(empty)'}", 36)), fontsize=7.5, fontweight="bold")
