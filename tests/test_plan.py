@@ -294,7 +294,9 @@ def measure_step_peaks(cases) -> list[dict]:
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK),
                     reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 def test_estimate_within_30_percent_of_measured_cpu_peak():
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    # PYTHONPATH: run as a script, this file imports tests.tiny_models from the repository root
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, __file__, json.dumps(MEASURE_CASES)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
