@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 
 import torch
 
+from hwtools.device import usable_cores
+
 VERSIONED_PACKAGES = ("torch", "torchvision", "transformers", "timm", "accelerate", "peft", "datasets",
                       "bitsandbytes")
 
@@ -54,10 +56,7 @@ def machine_info(device: "torch.device | str | None" = None) -> dict:
     """What the numbers were measured on: OS, CPU, cores, RAM, torch threads, load average, and the GPU if any."""
     import psutil
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
+    usable = usable_cores()
     info = {"platform": platform.platform(), "cpu": cpu_model(), "cpu_cores_logical": os.cpu_count(),
             "cpu_cores_usable": usable, "torch_threads": torch.get_num_threads(),
             "ram_gb": round(psutil.virtual_memory().total / 2**30, 1), "load_average_1m": load_average(),

@@ -6,7 +6,6 @@ The twin of hwtools.llm.pipeline.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +24,7 @@ from hwtools.caption.models import ARCHS, arch_spec, caption_loss, encoder_outpu
 from hwtools.caption.transforms import build_transforms
 from hwtools.caption.vocab import Vocab
 from hwtools.data_report import DataReport
+from hwtools.device import usable_cores
 from hwtools.errors import UserError
 from hwtools.train.run_end import write_run_end
 
@@ -170,11 +170,7 @@ def loader_workers(requested: int, device, inputs: "ImageInputs", num_processes:
         return requested
     if inputs.features is not None or torch.device(device).type != "cuda":
         return 0
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(0, min(MAX_AUTO_WORKERS, cores // max(num_processes, 1) - 1))
+    return max(0, min(MAX_AUTO_WORKERS, usable_cores() // max(num_processes, 1) - 1))
 
 
 # token-weighted: the eval loss is the mean over target tokens, not over batches
