@@ -37,13 +37,13 @@ if [[ $what == llm || $what == all ]]; then
   #   LoRA family: auto = chat here (+2 rows x 640 = 1,280 parameters), none = adapters only. Every method runs
   #     as such (none), and one extra LoRA run trains the turn markers (chat) to show what they add.
   #   An instruct checkpoint (gemma-2-2b-it) has trained turn markers: auto picks none there for every method.
-  for m in prompt-tuning prefix-tuning p-tuning lora dora rslora qlora partial full; do
+  # LLM_METHODS picks a subset (each run is about 15 min on 2 CPU cores; lora-chat-tokens is the extra LoRA run)
+  for m in ${LLM_METHODS:-prompt-tuning prefix-tuning p-tuning lora dora rslora qlora partial full lora-chat-tokens}; do
     case $m in prompt-tuning|prefix-tuning|p-tuning) every=12 ;; *) every=4 ;; esac
-    launch launch/train_llm.py --method "$m" --output-dir "results/reference/llm-$m" --overwrite "${budget[@]}" \
-      --eval-every "$every" --trainable-tokens none
+    case $m in lora-chat-tokens) run=(--method lora --trainable-tokens chat) ;; *) run=(--method "$m" --trainable-tokens none) ;; esac
+    launch launch/train_llm.py "${run[@]}" --output-dir "results/reference/llm-$m" --overwrite "${budget[@]}" \
+      --eval-every "$every"
   done
-  launch launch/train_llm.py --method lora --trainable-tokens chat --output-dir results/reference/llm-lora-chat-tokens \
-    --overwrite "${budget[@]}" --eval-every 4
 fi
 if [[ $what == caption || $what == all ]]; then
   for a in cnn-rnn attention transformer; do
