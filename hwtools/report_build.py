@@ -208,6 +208,59 @@ def prompts_table(r: Report, names: list[str]) -> str:
     return md_table(["prompt", "base"] + [LLM_RUNS[n] for n in names], rows)
 
 
+def answer_quality_table(r: Report, names: list[str]) -> str:
+    """Per method, how many of the test prompts' answers improved on the base's by checks a reader can redo:
+    chrF (accuracy), the reference's words (completeness), loops and echoed questions (relevance), length."""
+    rows = []
+    for n in [n for n in runs_present(r, names) if r.has(generations(f"llm-{n}"))]:
+        g = generations(f"llm-{n}")
+        gens = r.q.load(g)
+
+        def count(check, side):
+            return sum(bool(check(x, side)) for x in gens)
+
+        def loops(x, side):
+            return repeats(x[side])
+
+        def echoes(x, side):
+            return answer_notes(x[side], x["prompt"], x["reference"]).startswith("repeats the q")
+
+        def persian(x, side):
+            return persian_share(x[side]) >= 0.6
+
+        more_words = sum(content_overlap(x["after"], x["reference"]) > content_overlap(x["before"], x["reference"])
+                         for x in gens)
+        mean_len = {side: sum(len(x[side] or "") for x in gens) / len(gens) for side in ("before", "after")}
+        rows.append([LLM_RUNS[n], f"{r.get(g, 'chrfwins:', 'd')} / {len(gens)}", f"{more_words} / {len(gens)}",
+                     f"{count(loops, 'before')} → {count(loops, 'after')}",
+                     f"{count(echoes, 'before')} → {count(echoes, 'after')}",
+                     f"{count(persian, 'before')} → {count(persian, 'after')}",
+                     f"{mean_len['before']:.0f} → {mean_len['after']:.0f}"])
+    return md_table(["method", "higher chrF than the base", "more of the reference's words", "answers that loop",
+                     "answers that repeat the question", "answers mostly in Persian",
+                     "mean answer length (characters)"], rows) if rows else MISSING
+
+
+def turn_token_effect(r: Report) -> str:
+    """LoRA with and without the turn markers' embedding rows trained, in one generated sentence."""
+    a, b = "lora", "lora-chat-tokens"
+    if not (r.has(generations(f"llm-{a}")) and r.has(generations(f"llm-{b}"))):
+        return MISSING
+
+    def facts(n):
+        s, gens = summary(f"llm-{n}"), r.q.load(generations(f"llm-{n}"))
+        return {"ppl": r.get(s, "json:/test/perplexity", ".2f"), "chrf": r.get(s, "json:/test/chrf", ".1f"),
+                "trainable": r.get(s, "json:/params/trainable", ","),
+                "loops": sum(repeats(x["after"]) for x in gens), "n": len(gens),
+                "length": sum(len(x["after"] or "") for x in gens) / len(gens)}
+
+    x, y = facts(a), facts(b)
+    return (f"LoRA alone ({x['trainable']} trainable) reached test perplexity {x['ppl']} and chrF {x['chrf']}, with "
+            f"{x['loops']} of {x['n']} test answers looping and {x['length']:.0f} characters per answer on average; "
+            f"with the two turn-marker rows trained as well ({y['trainable']} trainable) it reached {y['ppl']} and "
+            f"{y['chrf']}, {y['loops']} looping answers and {y['length']:.0f} characters per answer")
+
+
 def answers_list(r: Report, n: str, side: str, limit: int = 160) -> str:
     """Each test prompt with the reference and one run's answer (`before` = the base model), with checks."""
     g = generations(n)
@@ -307,6 +360,10 @@ def llm_context(r: Report) -> None:
     c["prompts_soft"] = prompts_table(r, SOFT)
     c["prompts_lora"] = prompts_table(r, LORA_FAMILY)
     c["prompts_partial"] = prompts_table(r, ["partial", "full"])
+    c["quality_soft"] = answer_quality_table(r, SOFT)
+    c["quality_lora"] = answer_quality_table(r, LORA_FAMILY)
+    c["quality_partial"] = answer_quality_table(r, ["partial", "full"])
+    c["turn_tokens_effect"] = turn_token_effect(r)
     for group, names in (("soft", SOFT), ("lora", LORA_FAMILY), ("partial", ["partial", "full"]),
                          ("all", list(LLM_RUNS)), ("peft", SOFT + LORA_FAMILY)):
         run, label = best_of(r, names, "/test/perplexity", lowest=True)
@@ -351,8 +408,15 @@ def llm_context(r: Report) -> None:
     c["embedded_layers"] = r.get(f"{REF}/llm-lora/config.json", "json:/structure/num_layers", "d")
     c["embedded_hidden"] = r.get(f"{REF}/llm-lora/config.json", "json:/structure/hidden_size", "d")
     cfg = f"{REF}/llm-lora/config.json"
-    for k in ("max_steps", "batch_size", "max_length", "seed", "eval_every", "gen_max_new_tokens", "chrf_samples"):
+    for k in ("batch_size", "max_length", "seed", "eval_every", "gen_max_new_tokens", "chrf_samples"):
         c[f"ref_{k}"] = r.get(cfg, f"json:/{k}", "d")
+    c["ref_epochs"] = r.get(cfg, "json:/epochs", "g")
+    c["lr_partial"] = r.get(f"{REF}/llm-partial/config.json", "json:/lr", "g")
+    c["lr_lora"] = r.get(cfg, "json:/lr", "g")
+    tt, var = "results/bench/trainable_tokens.json", "/results/variants"
+    for k, v in (("peft", "lora+tokens-peft"), ("indexed", "lora+tokens-indexed")):
+        c[f"tt_{k}_ratio"] = r.get(tt, f"json:{var}/{v}/step_cpu_s/median / {var}/lora/step_cpu_s/median", ".2f")
+    c["ref_eval_every_soft"] = r.get(f"{REF}/llm-prompt-tuning/config.json", "json:/eval_every", "d")
     c["lr_table"] = md_table(
         ["method", "learning rate", "LoRA r / alpha", "virtual tokens"],
         [[LLM_RUNS[n], r.get(f"{REF}/llm-{n}/config.json", "json:/lr", "g"),
