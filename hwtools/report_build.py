@@ -216,7 +216,7 @@ def answer_quality_table(r: Report, names: list[str]) -> str:
         g = generations(f"llm-{n}")
         gens = r.q.load(g)
 
-        def count(check, side):
+        def count(check, side, gens=gens):
             return sum(bool(check(x, side)) for x in gens)
 
         def loops(x, side):
