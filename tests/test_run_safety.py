@@ -42,6 +42,8 @@ def events(run_dir, name):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_signal_mid_epoch_saves_and_resumes_to_the_same_run(tmp_path, monkeypatch, signum):
     full, full_dir = run_toy(tmp_path / "full")  # 10 steps, 6 batches an epoch, checkpoints every 2 steps
+    # what SIGINT did before the run (a shell starting a background job hands it SIG_IGN, not Python's default)
+    sigint_before = signal.getsignal(signal.SIGINT)
     saves = []
     real_save = Accelerator.save_state
 
@@ -66,7 +68,7 @@ def test_signal_mid_epoch_saves_and_resumes_to_the_same_run(tmp_path, monkeypatc
     stopped = events(tmp_path / "cut", "stopped")
     assert stopped == [{"step": 5, "split": "event", "event": "stopped", "signal": signal.Signals(signum).name,
                         "checkpoint": str(ckpt)}]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored after the run
+    assert signal.getsignal(signal.SIGINT) is sigint_before  # handlers restored after the run
 
     resumed, cut_dir = run_toy(tmp_path / "cut", resume="latest")
     assert resumed.steps == full.steps == 10
