@@ -261,20 +261,6 @@ def turn_token_effect(r: Report) -> str:
             f"{y['chrf']}, {y['loops']} looping answers and {y['length']:.0f} characters per answer")
 
 
-def relatives_measured(r: Report) -> str:
-    """DoRA and rsLoRA against plain LoRA at the same rank, in one generated sentence."""
-    names = ["lora", "dora", "rslora"]
-    if not all(r.has(summary(f"llm-{n}")) for n in names):
-        return MISSING
-
-    def facts(n):
-        s = summary(f"llm-{n}")
-        return (f"{LLM_RUNS[n]}: test perplexity {r.get(s, 'json:/test/perplexity', '.2f')}, chrF "
-                f"{r.get(s, 'json:/test/chrf', '.1f')}, {r.get(s, 'json:/resources/train_time_s', '.0f')} s of training")
-
-    return "; ".join(facts(n) for n in names)
-
-
 def answers_list(r: Report, n: str, side: str, limit: int = 160) -> str:
     """Each test prompt with the reference and one run's answer (`before` = the base model), with checks."""
     g = generations(n)
@@ -378,7 +364,6 @@ def llm_context(r: Report) -> None:
     c["quality_lora"] = answer_quality_table(r, LORA_FAMILY)
     c["quality_partial"] = answer_quality_table(r, ["partial", "full"])
     c["turn_tokens_effect"] = turn_token_effect(r)
-    c["relatives_measured"] = relatives_measured(r)
     for group, names in (("soft", SOFT), ("lora", LORA_FAMILY), ("partial", ["partial", "full"]),
                          ("all", list(LLM_RUNS)), ("peft", SOFT + LORA_FAMILY)):
         run, label = best_of(r, names, "/test/perplexity", lowest=True)
